@@ -10,7 +10,7 @@ from hypothesis import given, settings, HealthCheck, strategies as st
 from tokprune_nb.inject import pruned, last_selection
 from tokprune_nb.inject_qwen import (tiny_qwen2_5_vl, tiny_qwen_inputs, Qwen2_5_VLAdapter, qwen_vision_tokens,
                                      qwen_saliency_block, temporarily)
-from tokprune_nb.policies import RelevancePrune, ClsAttnPrune, RandomPrune, ZSPAPrune
+from tokprune_nb.policies import RelevancePrune, ClsAttnPrune, RandomPrune, ZSPAPrune, ATP
 
 PROMPTS = ["what color is the cat ?", "how many dog are there in the picture ?", "describe"]
 GEN = dict(max_new_tokens=4, do_sample=False)
@@ -462,3 +462,17 @@ def test_real_checkpoint_identity_and_pruning():
     n = int(n_image_tokens(model, inputs)[0])
     assert rec.lens[0] == inputs["input_ids"].shape[1] - (n - round(0.25 * n))
     assert out.shape[0] == 2
+
+
+def test_atp_prompt_relevance_runs_without_clip(tiny, batch3):
+    """ATP(relevance="prompt") needs only prompt + saliency, both of which Qwen2.5-VL provides; the CLIP form is refused
+    up front with a Qwen-specific message."""
+    model, _ = tiny
+    n = int(n_image_tokens(model, batch3)[0])
+    with torch.no_grad(), pruned(model, ATP(keep=0.25, alpha=0.5, relevance="prompt")):
+        g = model.generate(**batch3, **GEN)
+        sel = last_selection(model)
+    assert [len(s) for s in sel] == [n // 4] * 3 and g.shape[0] == 3
+    with pytest.raises(ValueError, match="no CLIP-space patch embeddings"):
+        with pruned(model, ATP(keep=0.25)):
+            pass

@@ -40,6 +40,9 @@ class Adapter:
     model_classes: tuple = ()
     def __init__(self, model, *, clip=None, clip_tokenizer=None, tokenizer=None):
         self.model, self.clip, self.clip_tokenizer, self.tokenizer = model, clip, clip_tokenizer, tokenizer
+    def check_policy(self, policy)->frozenset:
+        "Raise a clear error, before any compute, if this adapter cannot serve `policy`'s needs; returns them."
+        return check_policy_inputs(policy, clip=self.clip, clip_tokenizer=self.clip_tokenizer, tokenizer=self.tokenizer)
     def prepare(self, policy, inputs:dict, *, for_generate:bool)->Prepared:
         raise NotImplementedError
 
@@ -297,8 +300,8 @@ def pruned(
     if not callable(policy): raise TypeError(f"`policy` must be callable (TokenSet -> kept indices), got {type(policy).__name__}")
     klass = adapter_class(model)
     if model in _ACTIVE: raise ValueError("`model` is already inside a `pruned(...)` context; nesting is not supported")
-    check_policy_inputs(policy, clip=clip, clip_tokenizer=clip_tokenizer, tokenizer=tokenizer)
     adapter = klass(model, clip=clip, clip_tokenizer=clip_tokenizer, tokenizer=tokenizer)
+    adapter.check_policy(policy)
     ctx = PruneContext(model, policy, adapter)
     own = {k: model.__dict__[k] for k in ("forward", "generate") if k in model.__dict__}
     orig_forward, orig_generate = model.forward, model.generate

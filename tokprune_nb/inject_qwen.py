@@ -197,6 +197,15 @@ class Qwen2_5_VLAdapter(Adapter):
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
     chunk_size = None   # queries per chunk for the saliency fallback (None: automatic, see `qwen_vision_tokens`)
 
+    def check_policy(self, policy)->frozenset:
+        "Qwen2.5-VL's tower is not a CLIP model: refuse policies that need CLIP inputs, whatever `clip` was given."
+        needs = policy_needs(policy)
+        if needs & {"clip_feats", "clip_text"}:
+            raise ValueError(f"`policy`: {type(policy).__name__} needs CLIP inputs ({', '.join(sorted(needs & {'clip_feats', 'clip_text'}))}), "
+                             "but Qwen2.5-VL has no CLIP-space patch embeddings (its vision tower is not a CLIP model); "
+                             "use a policy that needs only prompt and/or saliency, e.g. ATP(keep, relevance='prompt')")
+        return needs
+
     def prepare(self, policy, inputs:dict, *, for_generate:bool)->Prepared:
         model, cfg = self.model, self.model.config
         ids = check_inputs(inputs)
@@ -205,11 +214,7 @@ class Qwen2_5_VLAdapter(Adapter):
         if inputs.get("position_ids") is not None:
             raise ValueError("`position_ids`: inside `pruned(...)` the Qwen2.5-VL adapter computes the 3D positions itself; "
                              "do not pass them")
-        needs = policy_needs(policy)
-        if needs & {"clip_feats", "clip_text"}:
-            raise ValueError(f"`policy`: {type(policy).__name__} needs CLIP inputs ({', '.join(sorted(needs & {'clip_feats', 'clip_text'}))}), "
-                             "but Qwen2.5-VL has no CLIP-space patch embeddings (its vision tower is not a CLIP model); "
-                             "use a policy that needs only prompt and/or saliency")
+        needs = self.check_policy(policy)
         thw = inputs.get("image_grid_thw")
         if thw is None: raise ValueError("`image_grid_thw` is missing: pass the processor's outputs unchanged")
         m = model.model.visual.spatial_merge_size
