@@ -32,7 +32,7 @@ def all_policies(keep):
 keeps = st.one_of(st.floats(min_value=0.01, max_value=1.0), st.integers(min_value=1, max_value=6))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(keep=keeps, grid=st.sampled_from(GRIDS), B=st.integers(1, 3), seed=st.integers(0, 1000))
 def test_policy_properties(keep, grid, B, seed):
     """Exact count, unique, sorted, in range; repeatable; batch equals per-image."""

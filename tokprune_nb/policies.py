@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from .core import TokenSet
 from .scoring import relevance_scores, clip_similarity_scores, hybrid_scores, minmax_normalize, check_alpha
-from .diversity import kmeans, nearest_to_centres, maxmin_select
+from .diversity import kmeans_nearest, maxmin_select
 
 # %% auto #0
 __all__ = ['check_keep', 'budget', 'Policy', 'topk_indices', 'RandomPrune', 'grid_subsample', 'UniformPrune', 'ClsAttnPrune',
@@ -172,9 +172,7 @@ class KMeansPrune(Policy):
         super().__init__(keep); self.seed, self.iters, self.normalize = int(seed), _check_iters(iters), bool(normalize)
     def _params(self): return {'keep': self.keep, 'seed': self.seed, 'iters': self.iters, 'normalize': self.normalize}
     def _select(self, ts, k):
-        x = _unit(ts.feats, self.normalize)
-        centres, _ = kmeans(x, k, iters=self.iters, seed=self.seed)
-        return nearest_to_centres(x, centres)
+        return kmeans_nearest(_unit(ts.feats, self.normalize), k, iters=self.iters, seed=self.seed)
 
 class DivPrune(Policy):
     "Greedy max-min diversity selection (DivPrune)."
@@ -234,7 +232,9 @@ class DPPPrune(Policy):
             rel = minmax_normalize(relevance_scores(ts.feats, ts.prompt, ts.prompt_mask, self.reduce))
             q = torch.exp(self.theta * rel)
         else: q = ts.feats.new_ones(ts.feats.shape[:-1], dtype=torch.float32)
-        return dpp_greedy_map(ts.feats, q, k)
+        # image by image: the greedy is sequential anyway, and batched matmuls would round differently from a
+        # single image's, breaking near-ties differently (a batch must select exactly what each image selects alone)
+        return torch.cat([dpp_greedy_map(ts.feats[b:b+1], q[b:b+1], k) for b in range(ts.batch_size)])
 
 # %% ../nbs/03_policies.ipynb #7fb620b4
 class ZSPAPrune(Policy):
@@ -276,8 +276,7 @@ class ZSPAPrune(Policy):
             if n_core:
                 rest = torch.ones(B, N, dtype=torch.bool, device=ts.device)
                 rest[torch.arange(B, device=ts.device)[:, None], core] = False
-            centres, _ = kmeans(x, n_div, iters=self.iters, seed=self.seed, mask=rest)
-            div = nearest_to_centres(x, centres, mask=rest)
+            div = kmeans_nearest(x, n_div, iters=self.iters, seed=self.seed, mask=rest)
         return torch.cat([core, div], -1)
 
 # %% ../nbs/03_policies.ipynb #b3b629b0
