@@ -8,7 +8,9 @@ import sys, importlib
 
 SUBCOMMANDS = {
     'demo':         ('tokprune_nb.demo', 'the main job: evaluate every policy at several budgets on a VLM'),
+    'bench':        ('tokprune_nb.bench', 'latency, peak memory, selection time and FLOPs of pruned vs unpruned models'),
     'bench-select': ('tokprune_nb.selection_speed', 'time the selection policies alone (LLaVA-1.5 / NeXT token shapes)'),
+    'train-toy':    ('tokprune_nb.toyworld', "train the toy world's tiny CLIP and LLaVA (the shipped weights)"),
 }
 
 def _usage()->str:
