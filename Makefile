@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NBDEV_FLAGS ?=
 
-.PHONY: all venv demo test test-nbs test-py export clean-nbs bench-select
+.PHONY: all venv demo test test-nbs test-py export readme bench-select
 
 all: test
 
@@ -44,3 +44,6 @@ export: $(STAMP)
 
 bench-select: $(STAMP)
 	$(BIN)/tokprune bench-select
+
+readme: $(STAMP)
+	$(BIN)/python scripts/make_readme.py
