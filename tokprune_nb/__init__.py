@@ -10,10 +10,7 @@ __all__ = []
 from tokprune_nb.core import TokenSet
 from tokprune_nb.inject import pruned, last_selection
 from tokprune_nb.policies import (Policy, ZSPAPrune, ATP, RandomPrune, UniformPrune, ClsAttnPrune, RelevancePrune,
-                                  KMeansPrune, DivPrune, DPPPrune, budget)
-
-POLICIES = {p.name: p for p in (ZSPAPrune, ATP, RandomPrune, UniformPrune, ClsAttnPrune, RelevancePrune,
-                                KMeansPrune, DivPrune, DPPPrune)}
+                                  KMeansPrune, DivPrune, DPPPrune, POLICIES, budget)
 
 __all__ = ['pruned', 'last_selection', 'TokenSet', 'Policy', 'ZSPAPrune', 'ATP', 'RandomPrune', 'UniformPrune', 'ClsAttnPrune', 'RelevancePrune',
            'KMeansPrune', 'DivPrune', 'DPPPrune', 'budget', 'POLICIES']

@@ -13,8 +13,9 @@ from .scoring import relevance_scores, clip_similarity_scores, hybrid_scores, mi
 from .diversity import kmeans_nearest, maxmin_select
 
 # %% auto #0
-__all__ = ['check_keep', 'budget', 'Policy', 'topk_indices', 'RandomPrune', 'grid_subsample', 'UniformPrune', 'ClsAttnPrune',
-           'RelevancePrune', 'KMeansPrune', 'DivPrune', 'dpp_greedy_map', 'DPPPrune', 'ZSPAPrune', 'ATP']
+__all__ = ['POLICIES', 'check_keep', 'budget', 'Policy', 'topk_indices', 'RandomPrune', 'grid_subsample', 'UniformPrune',
+           'ClsAttnPrune', 'RelevancePrune', 'KMeansPrune', 'DivPrune', 'dpp_greedy_map', 'DPPPrune', 'ZSPAPrune',
+           'ATP']
 
 # %% ../nbs/03_policies.ipynb #e2637a0f
 def check_keep(keep):
@@ -314,3 +315,7 @@ class ATP(Policy):
         return hybrid_scores(rel, sal, self.alpha)
 
     def _select(self, ts, k): return topk_indices(self.scores(ts), k)
+
+# %% ../nbs/03_policies.ipynb #47b85fef
+POLICIES = {p.name: p for p in (ZSPAPrune, ATP, RandomPrune, UniformPrune, ClsAttnPrune, RelevancePrune,
+                                KMeansPrune, DivPrune, DPPPrune)}
