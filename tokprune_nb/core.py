@@ -19,8 +19,11 @@ def check_tensor(x, name:str, ndims:tuple, floating:bool=True, finite:bool=True)
         raise ValueError(f"`{name}` must have {' or '.join(map(str, ndims))} dimensions, got shape {tuple(x.shape)}")
     if floating and not x.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
-    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"`{name}` contains NaN or inf values")
+    # a NaN/inf anywhere makes the sum non-finite; the sum is one cheap pass with no bool tensor, and only when it is
+    # not finite (NaN/inf, or an overflow of huge values) does the exact element-wise scan run
+    if finite and x.is_floating_point() and x.numel() and not bool(torch.isfinite(x.sum(dtype=torch.float32)
+                                                                                    if x.dtype != torch.float64 else x.sum())):
+        if not bool(torch.isfinite(x).all()): raise ValueError(f"`{name}` contains NaN or inf values")
     return x
 
 # %% ../nbs/00_core.ipynb #4f51e9ef
@@ -123,6 +126,16 @@ def _validate(self:TokenSet):
 
 TokenSet.validate = _validate
 
+def _trusted(**kw)->TokenSet:
+    """A `TokenSet` from fields derived from already validated ones (slices, views, stacking of validated sets),
+    without re-running the validation: `isfinite` over every field costs milliseconds at LLaVA sizes, and the
+    policies build such derived sets on every call."""
+    ts = object.__new__(TokenSet)
+    for fl in fields(TokenSet): setattr(ts, fl.name, kw.get(fl.name))
+    return ts
+
+TokenSet.trusted = staticmethod(_trusted)
+
 # %% ../nbs/00_core.ipynb #d5357541
 def _pad_stack(xs:list, n:int)->Tensor:
     "Stack tensors whose first dim may differ, zero-padding that dim at the end to `n`."
@@ -134,6 +147,8 @@ def _stack(sets:list)->TokenSet:
     "Pad single-image `TokenSet`s into one batched `TokenSet` (sets `mask`/`prompt_mask` when lengths differ)."
     if not sets: raise ValueError("`sets` is empty: nothing to stack")
     if any(not isinstance(s, TokenSet) for s in sets): raise TypeError("`sets` must contain TokenSet objects only")
+    dims = {(int(s.dim), str(s.feats.dtype), str(s.device)) for s in sets}   # int(): shapes are tensors when traced
+    if len(dims) > 1: raise ValueError(f"`sets` must share feature dim, dtype and device, got {sorted(dims)}")
     if any(s.batched for s in sets): raise ValueError("`sets` must be single-image TokenSets (feats [N,D])")
     for name in ('saliency', 'prompt', 'clip_feats', 'clip_text'):
         have = [s.has(name) for s in sets]
@@ -154,7 +169,7 @@ def _stack(sets:list)->TokenSet:
         kw['prompt'] = _pad_stack([s.prompt for s in sets], T)
         if len(set(ts_)) > 1 or any(s.prompt_mask is not None for s in sets): kw['prompt_mask'] = _pad_stack(pm, T)
     if sets[0].has('clip_text'): kw['clip_text'] = torch.stack([s.clip_text for s in sets])
-    return TokenSet(**kw)
+    return TokenSet.trusted(**kw)
 
 def _split(self:TokenSet)->list:
     "The single-image `TokenSet`s of a batch, padding removed (padding must sit at the end of each row)."
@@ -171,7 +186,7 @@ def _split(self:TokenSet)->list:
             t = int(self.prompt_mask[b].sum()) if self.prompt_mask is not None else self.prompt.shape[1]
             kw['prompt'] = self.prompt[b, :t]
         if self.has('clip_text'): kw['clip_text'] = self.clip_text[b]
-        out.append(TokenSet(**kw))
+        out.append(TokenSet.trusted(**kw))
     return out
 
 def _index(self:TokenSet, b:int)->TokenSet:
@@ -179,14 +194,14 @@ def _index(self:TokenSet, b:int)->TokenSet:
     if not self.batched: raise ValueError("`index` needs a batched TokenSet")
     kw = {fl.name: (getattr(self, fl.name)[b] if isinstance(getattr(self, fl.name), Tensor) else getattr(self, fl.name))
           for fl in fields(self)}
-    return TokenSet(**kw)
+    return TokenSet.trusted(**kw)
 
 def _unsqueeze(self:TokenSet)->TokenSet:
     "A single-image `TokenSet` as a batch of one (a view, no copy)."
     if self.batched: return self
     kw = {fl.name: (getattr(self, fl.name)[None] if isinstance(getattr(self, fl.name), Tensor) else getattr(self, fl.name))
           for fl in fields(self)}
-    return TokenSet(**kw)
+    return TokenSet.trusted(**kw)
 
 TokenSet.stack = staticmethod(_stack)
 TokenSet.split = _split

@@ -47,7 +47,7 @@ def _valid_subset(ts:TokenSet, b:int):
         kw['prompt'] = ts.prompt[b:b+1]
         if ts.prompt_mask is not None: kw['prompt_mask'] = ts.prompt_mask[b:b+1]
     if ts.has('clip_text'): kw['clip_text'] = ts.clip_text[b:b+1]
-    return TokenSet(**kw), idx
+    return TokenSet.trusted(**kw), idx
 
 class Policy:
     "Base class: `policy(tokenset)` -> sorted kept indices (`[k]` for one image, `[B,k]` for a batch)."
@@ -80,7 +80,7 @@ class Policy:
         counts = bt.valid_counts().tolist()
         ks = [self.budget(n) for n in counts]
         if all(n == bt.n_tokens for n in counts):
-            out = self._select(bt if bt.mask is None else TokenSet(**{**bt.__dict__, 'mask': None}), ks[0])
+            out = self._select(bt if bt.mask is None else TokenSet.trusted(**{**bt.__dict__, 'mask': None}), ks[0])
         else:
             out = torch.full((bt.batch_size, max(ks)), -1, dtype=torch.long, device=bt.device)
             for b, k in enumerate(ks):

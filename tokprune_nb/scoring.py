@@ -27,14 +27,22 @@ def relevance_scores(
         raise ValueError(f"`prompt` {tuple(prompt.shape)} must match `feats` {tuple(feats.shape)} in batch size and D")
     check_mask(prompt_mask, 'prompt_mask', tuple(prompt.shape[:-1]))
     if reduce not in ('mean', 'max'): raise ValueError(f"`reduce` must be 'mean' or 'max', got {reduce!r}")
-    f = F.normalize(feats.float(), dim=-1)
+    f = feats.float()
+    inv = 1.0 / torch.linalg.vector_norm(f, dim=-1).clamp_min(1e-12)  # [.,N]: no normalised copy of the features
+    fb, ib = (f, inv) if f.dim() == 3 else (f[None], inv[None])
     if reduce == 'mean':
         if prompt_mask is None: p = prompt.float().mean(-2)
         else:
             w = prompt_mask.float()
             p = (prompt.float() * w[..., None]).sum(-2) / w.sum(-1, keepdim=True).clamp_min(1)
-        return (f * F.normalize(p, dim=-1)[..., None, :]).sum(-1)
-    sims = f @ F.normalize(prompt.float(), dim=-1).transpose(-1, -2)   # [.,N,T]
+        pb = F.normalize(p, dim=-1).reshape(fb.shape[0], -1)
+        # one matrix-vector product per image: batched kernels round differently from a single image's
+        out = torch.stack([fb[b] @ pb[b] for b in range(fb.shape[0])]) * ib
+        return out if f.dim() == 3 else out[0]
+    pn = F.normalize(prompt.float(), dim=-1)
+    pn = pn if pn.dim() == 3 else pn[None]
+    sims = torch.stack([fb[b] @ pn[b].T for b in range(fb.shape[0])]) * ib[..., None]   # [B,N,T]
+    sims = sims if f.dim() == 3 else sims[0]
     if prompt_mask is not None: sims = sims.masked_fill(~prompt_mask[..., None, :], float('-inf'))
     return sims.amax(-1)
 

@@ -1,0 +1,125 @@
+"""`tokprune bench`: end to end on `tiny`, FLOPs-only records, the GPU code paths (with a fake CUDA), bad input."""
+import json, math
+import pytest
+import torch
+
+import tokprune_nb.bench as B
+from tokprune_nb.bench import (main, bench, build_case, run_once, flops_records, write_json, plot, parse_keeps,
+                               Timer, PeakMemory, KeepAll, TimedPolicy, make_policy, kv_cache_mb, Case, REQUIRED_FIELDS)
+from tokprune_nb.inject import adapter_class
+
+
+def test_cli_tiny_end_to_end(tmp_path):
+    out, fig = tmp_path / "bench-test.json", tmp_path / "bench.png"
+    rc = main(["--arch", "tiny", "--keep", "1,0.5,0.25", "--policies", "zspaprune,random", "--repeats", "2",
+               "--new-tokens", "4", "--threads", "1", "--json", str(out), "--plot", str(fig), "--no-progress",
+               "--machine", "test-cpu", "--note", "pytest"])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["machine"] == "test-cpu" and doc["note"] == "pytest"
+    recs = doc["records"]
+    assert [(r["policy"], r["keep"]) for r in recs] == [("none", 1.0)] + [(p, k) for p in ("zspaprune", "random")
+                                                                          for k in (1.0, 0.5, 0.25)]
+    for r in recs:
+        assert set(REQUIRED_FIELDS) <= set(r)
+        for k in ("prefill_ms", "generate_ms", "peak_mem_mb", "select_ms", "llm_flops", "ideal_speedup"):
+            assert isinstance(r[k], (int, float)) and math.isfinite(r[k]) and r[k] >= 0, k
+        assert r["arch"] == "tiny" and r["prefill_ms"] > 0 and r["generate_ms"] > 0 and r["peak_mem_mb"] > 0
+    base = recs[0]
+    assert base["ideal_speedup"] == 1.0 and base["select_ms"] == 0.0 and base["kept_tokens"] == 16
+    z = [r for r in recs if r["policy"] == "zspaprune"]
+    assert [r["kept_tokens"] for r in z] == [16, 8, 4]
+    assert z[0]["llm_flops"] == base["llm_flops"] and z[0]["seq_len"] == base["seq_len"]
+    assert z[0]["llm_flops"] > z[1]["llm_flops"] > z[2]["llm_flops"]
+    assert z[2]["ideal_speedup"] == pytest.approx(base["llm_flops"] / z[2]["llm_flops"])
+    assert all(r["select_ms"] > 0 for r in recs[1:])
+    assert fig.stat().st_size > 1000
+
+
+def test_json_merges_same_machine(tmp_path):
+    p = tmp_path / "b.json"
+    a = flops_records("llava-1.5-7b", keeps=(1.0, 0.25))
+    write_json(p, a, "m1")
+    doc = write_json(p, flops_records("qwen2.5-vl-7b", keeps=(0.25,)), "m1")
+    assert len(doc["records"]) == len(a) + 2
+    doc = write_json(p, a, "m1")                                   # same keys: replaced, not duplicated
+    assert len(doc["records"]) == len(a) + 2
+    doc = write_json(p, a, "m2")                                   # another machine: a new file content
+    assert doc["machine"] == "m2" and len(doc["records"]) == len(a)
+
+
+@pytest.mark.parametrize("arch,n_vis,extra", [("llava-1.5-7b", 576, 0), ("llava-next-7b", 2880, 48),
+                                              ("qwen2.5-vl-7b", 576, 0)])
+def test_flops_only_7b(arch, n_vis, extra, tmp_path):
+    recs = flops_records(arch, keeps=(1.0, 0.5, 0.25, 0.111, 64))
+    assert all(set(REQUIRED_FIELDS) <= set(r) for r in recs)
+    assert [r["kept_tokens"] for r in recs] == [n_vis, n_vis, n_vis // 2, n_vis // 4, round(0.111 * n_vis), 64]
+    s = [r["ideal_speedup"] for r in recs]
+    assert s[0] == s[1] == 1.0 and s[1:] == sorted(s[1:])
+    assert all(r["seq_len"] - r["kept_tokens"] == recs[0]["seq_len"] - n_vis for r in recs)
+    assert main(["--arch", arch, "--flops-only", "--json", str(tmp_path / "f.json")]) == 0
+
+
+@pytest.mark.parametrize("arch", ["llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b"])
+def test_7b_refused_on_cpu_built_on_meta(arch, capsys):
+    assert main(["--arch", arch, "--no-progress"]) == 2
+    assert "--device cuda" in capsys.readouterr().out
+    c = build_case(arch, device="meta", dtype=torch.bfloat16)
+    assert c.model.lm_head.weight.is_meta and c.model.lm_head.weight.dtype == torch.bfloat16
+    assert c.inputs["input_ids"].device.type == "cpu"
+
+
+def test_bad_arguments():
+    for argv in (["--keep", "1.5"], ["--keep", "0"], ["--keep", "x"], ["--policies", "fastv"], ["--arch", "llava-13b"],
+                 ["--device", "cuda"] if not torch.cuda.is_available() else ["--keep", "-1"]):
+        with pytest.raises(SystemExit) as e: main(argv + ["--no-progress"])
+        assert e.value.code == 2
+    assert parse_keeps("1,0.5,0.111,64") == [1.0, 0.5, 0.111, 64]
+    with pytest.raises(ValueError, match="repeats"): bench("tiny", repeats=0, progress=False)
+
+
+def test_bfloat16_path_on_cpu():
+    recs = bench("tiny", keeps=(0.25,), repeats=1, warmup=0, new_tokens=2, dtype=torch.bfloat16, progress=False, threads=1)
+    assert [r["dtype"] for r in recs] == ["bfloat16"] * 2 and recs[1]["kept_tokens"] == 4
+    assert recs[1]["kv_cache_mb"] == pytest.approx(kv_cache_mb(build_case("tiny").config, recs[1]["seq_len"] + 2))
+
+
+def test_run_once_qwen():
+    "The Qwen path of the benchmark (only a 7B arch on a GPU in the CLI) on the tiny Qwen model."
+    from tokprune_nb.inject_qwen import tiny_qwen2_5_vl, tiny_qwen_inputs
+    m, p = tiny_qwen2_5_vl()
+    case = Case("tiny-qwen", m, m.config, dict(tiny_qwen_inputs(p, ["what color is the cat ?"])), p.tokenizer)
+    ad = adapter_class(m)(m, tokenizer=p.tokenizer)
+    r0 = run_once(case, KeepAll(), ad, "cpu", new_tokens=3)
+    pol = TimedPolicy(make_policy("zspaprune", 0.25))
+    r1 = run_once(case, pol, ad, "cpu", new_tokens=3)
+    assert r0["kept_tokens"] == 16 and r1["kept_tokens"] == 4 and r0["seq_len"] - r1["seq_len"] == 12
+    assert len(pol.times) == 3        # prepare, forward, generate: one selection each
+
+
+class FakeCuda:
+    "Records the calls the GPU branches make."
+    def __init__(self): self.calls, self.allocated, self.peak = [], 100 * 2**20, 0
+    def synchronize(self, device=None): self.calls.append("sync")
+    def reset_peak_memory_stats(self, device=None): self.calls.append("reset"); self.peak = self.allocated
+    def memory_allocated(self, device=None): return self.allocated
+    def max_memory_allocated(self, device=None): self.calls.append("max"); return self.peak + 50 * 2**20
+
+
+def test_gpu_branches_with_fake_cuda(monkeypatch):
+    fake = FakeCuda()
+    for name in ("synchronize", "reset_peak_memory_stats", "memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    with Timer("cuda") as t: pass
+    assert fake.calls == ["sync", "sync"] and t.ms >= 0
+    fake.calls.clear()
+    with PeakMemory("cuda") as pm: pass
+    assert fake.calls == ["sync", "reset", "sync", "max"]
+    assert pm.base_mb == 100 and pm.peak_mb == 150 and pm.delta_mb == 50
+    fake.calls.clear()
+    pol = TimedPolicy(KeepAll(), device="cuda")
+    from tokprune_nb.core import TokenSet
+    pol(TokenSet(torch.randn(5, 3)))
+    assert fake.calls == ["sync", "sync"] and len(pol.times) == 1
+    with Timer("cpu"): pass
+    assert fake.calls == ["sync", "sync"]          # no CUDA calls for a CPU timer

@@ -1,0 +1,146 @@
+"""FLOP counts: fvcore vs FlopCounterMode vs the formula, on each family's tiny model and the 7B configs."""
+import warnings
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from tokprune_nb.flops import (count_flops, analytic_prefill_flops, analytic_prefill_breakdown, meta_prefill_flops,
+                               ARCH_CONFIGS, reference_seq_len, prefill_table, fvcore_analysis, torch_flop_counter,
+                               torch_flop_counts)
+from tokprune_nb.inject_llava import tiny_llava, tiny_llava_next, tiny_inputs, tiny_clip
+from tokprune_nb.inject_qwen import tiny_qwen2_5_vl, tiny_qwen_inputs
+from tokprune_nb.policies import ZSPAPrune, ATP, ClsAttnPrune, DPPPrune, DivPrune, RandomPrune
+
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+FAMILIES = ("llava", "llava-next", "qwen2.5-vl")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    out = {}
+    m, p = tiny_llava(); out["llava"] = (m, p, tiny_inputs(p, ["what color is the ball ?"]))
+    m, p = tiny_llava_next(); out["llava-next"] = (m, p, tiny_inputs(p, ["what color is the ball ?"]))
+    m, p = tiny_qwen2_5_vl(); out["qwen2.5-vl"] = (m, p, tiny_qwen_inputs(p, ["what color is the cat ?"]))
+    return out
+
+
+def _close(a, b, rel=0.01): return abs(a - b) <= rel * max(abs(a), abs(b), 1)
+
+
+def _same(a, b):
+    "Two FlopCounts equal except for the counter's name."
+    da, db = a.as_dict(), b.as_dict()
+    da.pop("counter"); db.pop("counter")
+    return da == db
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_three_way_agreement_unpruned(tiny, family):
+    m, p, inp = tiny[family]
+    fv, tc = count_flops(m, inp), count_flops(m, inp, counter="torch")
+    an = analytic_prefill_flops(m.config, fv.seq_len)
+    assert fv.unsupported == {}
+    assert _close(fv.llm, tc.llm) and _close(fv.llm, an)
+    assert fv.llm == tc.llm == an                      # in fact exact
+    assert _same(fv, tc)
+    assert fv.selection == 0 and fv.vision > 0 and fv.projector > 0
+    assert fv.total == fv.vision + fv.projector + fv.llm
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_to_keep_one_is_generate_prefill(tiny, family):
+    m, p, inp = tiny[family]
+    fv = count_flops(m, inp, logits_to_keep=1)
+    assert fv.llm == analytic_prefill_flops(m.config, fv.seq_len, lm_head_tokens=1)
+    assert fv.lm_head == m.config.get_text_config().hidden_size * m.config.get_text_config().vocab_size
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_one_equals_unpruned_and_counts_fall(tiny, family):
+    m, p, inp = tiny[family]
+    base = count_flops(m, inp)
+    full = count_flops(m, inp, ZSPAPrune(1.0))
+    assert (full.llm, full.seq_len, full.vision, full.projector) == (base.llm, base.seq_len, base.vision, base.projector)
+    prev = full
+    for keep in (0.5, 0.25):
+        c = count_flops(m, inp, ZSPAPrune(keep))
+        assert c.unsupported == {}
+        assert c.llm < prev.llm and c.seq_len < prev.seq_len and c.vision == base.vision
+        assert c.llm == analytic_prefill_flops(m.config, c.seq_len)
+        assert _same(c, count_flops(m, inp, ZSPAPrune(keep), counter="torch"))
+        prev = c
+
+
+@pytest.mark.parametrize("policy", [ATP(0.25), ClsAttnPrune(0.25), DPPPrune(0.25), DivPrune(0.25), RandomPrune(0.25),
+                                    ZSPAPrune(0.25, diversity="maxmin")], ids=lambda p: type(p).__name__)
+def test_policies_batch_of_three(policy):
+    "Every policy's own work is counted the same by both counters; batches with padding too."
+    m, p = tiny_llava(); clip, ctok = tiny_clip(m)
+    inp = tiny_inputs(p, ["what color is the ball", "describe", "how many red dog are there ?"])
+    kw = dict(clip=clip, clip_tokenizer=ctok, tokenizer=p.tokenizer)
+    fv, tc = count_flops(m, inp, policy, **kw), count_flops(m, inp, policy, counter="torch", **kw)
+    assert fv.unsupported == {} and _same(fv, tc)
+    assert fv.batch == 3 and fv.llm == analytic_prefill_flops(m.config, fv.seq_len, batch=3)
+
+
+def test_qwen_images_of_different_sizes():
+    m, p = tiny_qwen2_5_vl()
+    inp = tiny_qwen_inputs(p, ["what color is the cat ?", "describe the image"], size=[112, 84])
+    fv, tc = count_flops(m, inp, ZSPAPrune(0.5)), count_flops(m, inp, ZSPAPrune(0.5), counter="torch")
+    assert fv.unsupported == {} and _same(fv, tc)
+
+
+def test_analytic_by_hand_and_gqa():
+    c = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, vocab_size=10)
+    b = analytic_prefill_breakdown(c, 3, lm_head_tokens=1)
+    assert b == dict(proj=2 * 3 * 8 * (8 + 8 + 4 + 4), attn=2 * 2 * 3 * 3 * 8, mlp=2 * 3 * 3 * 8 * 16, lm_head=80,
+                     total=1152 + 288 + 2304 + 80)
+    mha = LlamaConfig(**{**c.to_dict(), "num_key_value_heads": 2})
+    assert analytic_prefill_flops(mha, 3) - analytic_prefill_flops(c, 3) == 2 * 3 * 8 * 8   # k, v: 2 layers × n·d·(d/2)·2
+    assert analytic_prefill_flops(c, 3, batch=4) == 4 * analytic_prefill_flops(c, 3)
+    with pytest.raises(ValueError, match="n_tokens"): analytic_prefill_flops(c, 0)
+    with pytest.raises(ValueError, match="lm_head_tokens"): analytic_prefill_flops(c, 3, lm_head_tokens=4)
+
+
+@pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
+def test_7b_three_way_on_meta(arch):
+    cfg = ARCH_CONFIGS[arch]()
+    for keep in (1.0, 0.111):
+        _, n = reference_seq_len(arch, keep)
+        a = analytic_prefill_flops(cfg, n, lm_head_tokens=1)
+        assert a == meta_prefill_flops(cfg, n, 1, counter="fvcore") == meta_prefill_flops(cfg, n, 1, counter="torch")
+
+
+def test_7b_published_numbers():
+    "LLaVA-1.5-7B's prefill on 616 tokens ≈ 4.09 T multiply-adds (≈ 8.2 TFLOPs at 2 per MAC), as usually quoted."
+    cfg = ARCH_CONFIGS["llava-1.5-7b"]()
+    assert abs(analytic_prefill_flops(cfg, 616, lm_head_tokens=1) / 1e12 - 4.089) < 0.001
+    tab = {(r["arch"], r["keep"]): r for r in prefill_table()}
+    for arch in ARCH_CONFIGS:
+        s = [tab[(arch, k)]["ideal_speedup"] for k in (1.0, 0.5, 0.25, 0.111)]
+        assert s == sorted(s) and s[0] == 1.0
+
+
+def test_sdpa_handle_gqa():
+    q, k, v = torch.randn(1, 8, 5, 4), torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4)
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v): return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    fa = fvcore_analysis(Attn(), (q, k, v))
+    with torch_flop_counter() as fc: Attn()(q, k, v)
+    assert fa.total() == torch_flop_counts(fc)["Global"] == 8 * 5 * 7 * (4 + 4)
+
+
+def test_bad_inputs():
+    m, p = tiny_llava()
+    inp = tiny_inputs(p, ["what"])
+    with pytest.raises(ValueError, match="counter"): count_flops(m, inp, counter="ptflops")
+    with pytest.raises(TypeError, match="not a supported VLM"): count_flops(torch.nn.Linear(2, 2), inp)
