@@ -11,7 +11,6 @@ SUBCOMMANDS = {
     'demo':         ('tokprune_nb.quick_demo', 'the main job: every policy through pruned(...) on a VLM, showing what each keeps'),
     'bench':        ('tokprune_nb.bench', 'latency, peak memory, selection time and FLOPs of pruned vs unpruned models'),
     'bench-select': ('tokprune_nb.selection_speed', 'time the selection policies alone (LLaVA-1.5 / NeXT token shapes)'),
-    'train-toy':    ('tokprune_nb.toyworld', "train the toy world's tiny CLIP and LLaVA (the shipped weights)"),
 }
 
 def _usage()->str:

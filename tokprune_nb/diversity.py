@@ -135,7 +135,17 @@ def _assign(X:Tensor, C:Tensor, valid:Tensor)->tuple:
     cn = torch.linalg.vector_norm(C, dim=-1).square_()
     # the (C, X^T) orientation runs ~1.7x faster than (X, C^T) here
     d = _baddbmm(cn.unsqueeze(-1), C, X.transpose(1, 2), alpha=-2)
-    return d.argmin(1).masked_fill_(~valid, -1), d
+    return _first_min(d, 1).masked_fill_(~valid, -1), d
+
+def _first_min(d:Tensor, dim:int)->Tensor:
+    """Index of the minimum along `dim`, near-ties (within float32 rounding of the distances) going to the lowest
+    index. Coinciding centres (k above the number of distinct points) give distances that differ in the last bit
+    depending on where BLAS places their rows; a plain argmin would then pick differently for a batch and its images."""
+    m = d.amin(dim, keepdim=True)
+    tol = 8 * torch.finfo(d.dtype).eps * (d.abs().amax(dim, keepdim=True) + 1)
+    n = d.shape[dim]
+    ar = torch.arange(n, device=d.device).view([-1 if i == (dim % d.dim()) else 1 for i in range(d.dim())])
+    return torch.where(d <= m + tol, ar, n).amin(dim)
 
 def _check_kmeans_args(x, k, iters, seed, mask, tol, n_trials, init_dim):
     xb, mb, single = _check_points(x, mask)
