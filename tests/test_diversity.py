@@ -485,3 +485,17 @@ def test_empty_selected_means_none():
     x = _randn(10, 3, seed=16)
     assert torch.equal(maxmin_select(x, 3, selected=torch.empty(0, dtype=torch.long)), maxmin_select(x, 3))
     assert torch.equal(maxmin_select(x, 3, selected=torch.tensor([-1, -1])), maxmin_select(x, 3))
+
+
+def test_classic_kmeanspp_fast_path_matches_general_path():
+    "n_trials=1 takes a leaner loop; with each candidate duplicated the greedy loop must pick the same seeds."
+    import tokprune_nb.diversity as dv
+    torch.manual_seed(3)
+    X = torch.randn(3, 150, 32)
+    valid = torch.ones(3, 150, dtype=torch.bool); valid[2, 100:] = False
+    xn = dv._sq_norms(X)
+    u = dv._uniforms(12, 1, torch.Generator().manual_seed(5), X.device, X.dtype)
+    fast = dv._kmeanspp(X, xn, valid, u)
+    general = dv._kmeanspp(X, xn, valid, u.repeat(1, 2))
+    assert torch.equal(fast, general)
+    assert (fast[2] < 100).all()   # padding never chosen

@@ -105,6 +105,15 @@ def _kmeanspp(X:Tensor, xn:Tensor, valid:Tensor, u:Tensor)->Tensor:
     closest = _sq_dists(X, xn, _gather_rows(X, i0), xn.gather(1, i0)).squeeze(-1)
     closest.masked_fill_(~valid, 0).scatter_(1, i0, 0)             # padding and chosen points weigh 0 from here on
     pot = closest.sum(1, keepdim=True)
+    if u.shape[1] == 1:   # classic k-means++ (one candidate per seed): the same arithmetic, fewer small ops
+        for c in range(1, k):
+            w = torch.where(pot > tiny, closest, vw)
+            cand = _sample(w, u[c])                                # [B,1]
+            d = _sq_dists(_gather_rows(X, cand), xn.gather(1, cand), X, xn).squeeze(1)   # [B,N]
+            closest = torch.minimum(closest, d).scatter_(1, cand, 0)
+            pot = closest.sum(1, keepdim=True)
+            idx[:, c] = cand[:, 0]
+        return idx
     for c in range(1, k):
         w = torch.where(pot > tiny, closest, vw)                   # all points on centres already: uniform fallback
         cand = _sample(w, u[c])                                    # [B,L] candidates

@@ -169,11 +169,12 @@ def _unit(x:Tensor, normalize:bool)->Tensor: return F.normalize(x.float(), dim=-
 class KMeansPrune(Policy):
     "k-means with k = budget over all tokens; keep the token nearest each centre."
     name = 'kmeans'
-    def __init__(self, keep, seed:int=0, iters:int=10, normalize:bool=True):
+    def __init__(self, keep, seed:int=0, iters:int=10, normalize:bool=True, n_trials:int|None=1):
         super().__init__(keep); self.seed, self.iters, self.normalize = int(seed), _check_iters(iters), bool(normalize)
+        self.n_trials = _check_trials(n_trials)
     def _params(self): return {'keep': self.keep, 'seed': self.seed, 'iters': self.iters, 'normalize': self.normalize}
     def _select(self, ts, k):
-        return kmeans_nearest(_unit(ts.feats, self.normalize), k, iters=self.iters, seed=self.seed)
+        return kmeans_nearest(_unit(ts.feats, self.normalize), k, iters=self.iters, seed=self.seed, n_trials=self.n_trials)
 
 class DivPrune(Policy):
     "Greedy max-min diversity selection (DivPrune)."
@@ -182,6 +183,12 @@ class DivPrune(Policy):
         super().__init__(keep); self.metric = _check_choice(metric, 'metric', ('cosine', 'euclidean'))
     def _params(self): return {'keep': self.keep, 'metric': self.metric}
     def _select(self, ts, k): return maxmin_select(ts.feats.float(), k, metric=self.metric)
+
+def _check_trials(n_trials):
+    if n_trials is None: return None
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise ValueError(f"`n_trials` must be a positive int or None, got {n_trials!r}")
+    return n_trials
 
 def _check_iters(iters):
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1: raise ValueError(f"`iters` must be an int >= 1, got {iters!r}")
@@ -246,12 +253,14 @@ class ZSPAPrune(Policy):
                  diversity:str='kmeans',     # "kmeans" (nearest token to each centre) or "maxmin" (greedy max-min)
                  seed:int=0,                 # k-means++ seed
                  iters:int=10,               # k-means iterations
+                 n_trials:int|None=1,        # k-means++ candidates per seed: 1 = classic k-means++; None = sklearn's greedy 2+ln(k)
                  reduce:str='mean',          # prompt pooling for relevance: "mean" (paper) or "max"
                  normalize:bool=True):       # cluster L2-normalised features (cosine geometry)
         super().__init__(keep)
         self.relevance_frac = check_alpha(relevance_frac, 'relevance_frac')
         self.diversity = _check_choice(diversity, 'diversity', ('kmeans', 'maxmin'))
         self.seed, self.iters, self.normalize = int(seed), _check_iters(iters), bool(normalize)
+        self.n_trials = _check_trials(n_trials)
         self.reduce = _check_choice(reduce, 'reduce', ('mean', 'max'))
     def _params(self):
         return {'keep': self.keep, 'relevance_frac': self.relevance_frac, 'diversity': self.diversity, 'seed': self.seed}
@@ -277,7 +286,7 @@ class ZSPAPrune(Policy):
             if n_core:
                 rest = torch.ones(B, N, dtype=torch.bool, device=ts.device)
                 rest[torch.arange(B, device=ts.device)[:, None], core] = False
-            div = kmeans_nearest(x, n_div, iters=self.iters, seed=self.seed, mask=rest)
+            div = kmeans_nearest(x, n_div, iters=self.iters, seed=self.seed, mask=rest, n_trials=self.n_trials)
         return torch.cat([core, div], -1)
 
 # %% ../nbs/03_policies.ipynb #b3b629b0
