@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - create .venv if missing, install, run the main job
 #   make test   - create/update .venv, run nbdev_test (notebooks) and pytest (tests/)
+#   make test-browser - the explorer in JupyterLab in headless Chromium (needs apt's chromium)
 # The CPU build of torch is installed first so that pip never pulls the multi-GB CUDA wheels on a
 # CPU machine. On a GPU box:  make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 # (any pip requirement spec works).
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NBDEV_FLAGS ?=
 
-.PHONY: all venv demo test test-nbs test-py export readme bench-select
+.PHONY: all venv demo test test-nbs test-py test-browser export readme bench-select
 
 all: test
 
@@ -37,6 +38,11 @@ test-nbs: $(STAMP)
 
 test-py: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Not part of `make test`: needs Debian's chromium (apt-get install chromium); Playwright drives it, no download.
+test-browser: $(STAMP)
+	$(BIN)/python -m pip install --quiet playwright
+	$(BIN)/python scripts/browser_check.py
 
 export: $(STAMP)
 	$(BIN)/nbdev_export

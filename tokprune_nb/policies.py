@@ -249,7 +249,7 @@ class ZSPAPrune(Policy):
     "Zero-shot prompt-aware pruning: a prompt-relevance core plus diversity tokens from the rest."
     name = 'zspaprune'
     def __init__(self, keep,
-                 relevance_frac:float=0.6,   # share of the budget for the relevance core, in [0,1]
+                 relevance_frac:float=0.2,   # share of the budget for the relevance core, in [0,1]
                  diversity:str='kmeans',     # "kmeans" (nearest token to each centre) or "maxmin" (greedy max-min)
                  seed:int=0,                 # k-means++ seed
                  iters:int=10,               # k-means iterations

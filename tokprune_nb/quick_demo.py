@@ -75,10 +75,10 @@ def run_quick_demo(
     finally: hook.remove()
     return out
 
-# %% ../nbs/04c_quick_demo.ipynb #b87d4689
+# %% ../nbs/04c_quick_demo.ipynb #eb808713
 def main(argv:list=None)->int:
-    "`tokprune demo` (until the toy world ships its trained model): every policy on a random tiny LLaVA."
-    ap = argparse.ArgumentParser(prog='tokprune demo', description=(
+    "`tokprune peek`: every policy on a random tiny LLaVA (what each keeps; no accuracy: the weights are random)."
+    ap = argparse.ArgumentParser(prog='tokprune peek', description=(
         'Every pruning policy through pruned(model, policy) on a random-initialised tiny LLaVA: prints the kept '
         'patches per image, the sequence length the language model saw, and checks keep=1.0 is exact.'))
     ap.add_argument('--keep', type=float, default=0.25, help='fraction of visual tokens to keep (default 0.25)')

@@ -1,0 +1,187 @@
+"Toy world: scene generator, questions, splits, tokenizer/processor, shipped weights."
+import json
+import numpy as np
+import pytest
+import torch
+
+from tokprune_nb import toyworld as tw
+
+
+def test_split_disjoint_and_complete():
+    parts = [set(tw.scan_split(s).tolist()) for s in tw.SPLITS]
+    assert sum(map(len, parts)) == 1797
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    _, y = tw.digit_scans()
+    for s in tw.SPLITS:   # stratified: every digit in every split
+        assert set(y[tw.scan_split(s)].tolist()) == set(range(10))
+
+
+def test_bad_split_and_qtype():
+    with pytest.raises(ValueError, match="`split`"): tw.scan_split("dev")
+    with pytest.raises(ValueError, match="`qtype`"): tw.make_example(np.random.RandomState(0), "train", "size")
+
+
+def test_scenes_use_their_split_only():
+    test_scans = set(tw.scan_split("test").tolist())
+    for e in tw.make_examples("test", 50, seed=7):
+        assert all(d.scan in test_scans for d in e.scene.digits)
+
+
+def test_deterministic():
+    a, b = tw.make_examples("val", 21, seed=5), tw.make_examples("val", 21, seed=5)
+    assert [(x.question, x.answer) for x in a] == [(x.question, x.answer) for x in b]
+    assert all(np.array_equal(tw.render(x.scene), tw.render(y.scene)) for x, y in zip(a, b))
+    # prefixes are stable
+    c = tw.make_examples("val", 7, seed=5)
+    assert [(x.question, x.answer) for x in c] == [(x.question, x.answer) for x in a[:7]]
+    d = tw.make_examples("val", 21, seed=6)
+    assert [(x.question, x.answer) for x in d] != [(x.question, x.answer) for x in a]
+
+
+def _digit_in(q): return int(next(w for w in q.split() if w.isdigit()))
+
+
+def test_answers_are_correct():
+    for e in tw.make_examples("train", 700, seed=11):
+        ls, ds = e.scene.labels, e.scene.digits
+        assert len(set(ls)) == len(ls) and tw.MIN_DIGITS <= len(ls) <= tw.MAX_DIGITS
+        assert len({d.cell for d in ds}) == len(ds)
+        if e.qtype == "color": assert e.answer == e.scene.find(_digit_in(e.question)).color
+        elif e.qtype == "row": assert e.answer == str(e.scene.find(_digit_in(e.question)).cell[0] + 1)
+        elif e.qtype == "present": assert _digit_in(e.question) in ls and e.answer == "yes"
+        elif e.qtype == "absent": assert _digit_in(e.question) not in ls and e.answer == "no"
+        elif e.qtype == "count": assert e.answer == str(len(ls))
+        elif e.qtype == "count_color":
+            c = e.question.split()[2]
+            assert e.answer == str(sum(d.color == c for d in ds))
+        elif e.qtype == "largest": assert e.answer == str(max(ls))
+        assert e.family == tw.QUESTION_TYPES[e.qtype]
+
+
+def test_answer_balance():
+    ex = tw.make_examples("train", 1400, seed=2)
+    by = {}
+    for e in ex: by.setdefault(e.qtype, []).append(e.answer)
+    assert {t: len(v) for t, v in by.items()} == {t: 200 for t in tw.QUESTION_TYPES}
+    for t in ("color", "row", "count", "count_color", "largest"):
+        _, counts = np.unique(by[t], return_counts=True)
+        assert counts.min() >= 0.4 * counts.max(), (t, counts)
+
+
+def test_render_and_targets():
+    e = tw.make_examples("test", 1, seed=0)[0]
+    img = tw.render(e.scene)
+    assert img.shape == (96, 96, 3) and img.dtype == np.uint8
+    tg = tw.patch_targets(e.scene)
+    assert all(v.shape == (144,) for v in tg.values())
+    fg = tg["digit"] < 10
+    assert set(tg["obj"][fg].tolist()) <= set(range(len(e.scene.digits)))
+    # every patch marked as a digit has ink of that digit's colour
+    for i in np.nonzero(fg)[0]:
+        r, c = divmod(int(i), 12)
+        patch = img[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8].reshape(-1, 3).astype(int)
+        assert patch.max() > 0
+
+
+def test_tokenizer_and_processor_round_trip(tmp_path):
+    proc = tw.toy_processor()
+    ex = tw.make_examples("test", 3, seed=1)
+    imgs = [tw.render(e.scene) for e in ex]
+    inp = proc(images=imgs, text=[e.prompt for e in ex], return_tensors="pt", padding=True)
+    img_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    assert (inp["input_ids"] == img_id).sum(1).tolist() == [144] * 3
+    assert inp["pixel_values"].shape == (3, 3, 96, 96)
+    torch.testing.assert_close(inp["pixel_values"], tw.pixel_values(imgs), atol=1e-5, rtol=0)
+    text = proc.tokenizer.decode(inp["input_ids"][0], skip_special_tokens=True)
+    assert text.split() == ex[0].prompt.replace("<image>", "").split()
+    proc.save_pretrained(tmp_path)
+    from transformers import LlavaProcessor
+    again = LlavaProcessor.from_pretrained(tmp_path)
+    inp2 = again(images=imgs, text=[e.prompt for e in ex], return_tensors="pt", padding=True)
+    assert torch.equal(inp["input_ids"], inp2["input_ids"])
+    torch.testing.assert_close(inp["pixel_values"], inp2["pixel_values"])
+    ctok = tw.toy_tokenizer("right", clip=True)
+    ids = ctok(["the 7"]).input_ids[0]
+    assert ids[0] == ctok.bos_token_id and ids[-1] == ctok.eos_token_id == 3
+
+
+def test_lm_inputs_match_generate():
+    "The training forward (`lm_inputs`) is the processor -> generate path, bit for bit (random model)."
+    clip, llava = tw.build_toy(0)
+    proc = tw.toy_processor()
+    ex = tw.make_examples("val", 3, seed=5)
+    inp = proc(images=[tw.render(e.scene) for e in ex], text=[e.prompt for e in ex], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        g = llava.generate(**inp, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        z = llava.model.multi_modal_projector(tw._tower_tokens(llava, inp["pixel_values"]))
+        mine = llava.lm_head(tw._lm_hidden(llava, tw.lm_inputs(llava, z, [[e] for e in ex]))[:, -1])
+    torch.testing.assert_close(mine, g.scores[0], atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_keeps_every_object():
+    e = tw.make_examples("train", 1, seed=3)[0]
+    obj = tw.patch_targets(e.scene)["obj"]
+    for k in (12, 40, 144):
+        kept = tw.dropout_keep(obj, k, np.random.RandomState(k))
+        assert len(kept) == max(k, len(set(obj[obj >= 0].tolist()))) and np.all(np.diff(kept) > 0)
+        assert set(obj[obj >= 0].tolist()) <= set(obj[kept].tolist())
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return tw.load_toy()
+
+
+def test_shipped_model_loads_and_answers(toy):
+    assert type(toy.llava).__name__ == "LlavaForConditionalGeneration" and type(toy.clip).__name__ == "CLIPModel"
+    meta = toy.meta
+    assert {"seed", "recipe", "commit"} <= set(meta)
+    # the LLaVA tower is the CLIP vision model
+    sd = toy.clip.vision_model.state_dict()
+    tower = toy.llava.model.vision_tower
+    for k, v in getattr(tower, "vision_model", tower).state_dict().items(): assert torch.equal(v, sd[k]), k
+    ex = tw.make_examples("test", 28, seed=123)
+    acc = tw.accuracy_table(ex, tw.predict(toy.llava, toy.processor, ex))
+    assert acc["accuracy"] >= 0.8, acc
+
+
+def test_load_toy_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-toy"): tw.load_toy(tmp_path)
+
+
+def test_train_toy_quick(tmp_path):
+    "The CLI runs end to end (a few steps) and writes a loadable model with its recipe."
+    assert tw.main(["--quick", "--out", str(tmp_path / "m"), "--n-test", "7"]) == 0
+    t = tw.load_toy(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "toy.json").read_text())
+    assert meta["recipe"]["vision_steps"] == 5 and meta["seed"] == tw.Recipe().seed and meta["commit"]
+    assert type(t.llava).__name__ == "LlavaForConditionalGeneration"
+
+
+def test_projector_targets_and_codes():
+    "A digit's visual token target is E[digit] + E[colour] + row code + column code; background gets its own code."
+    clip, llava = tw.build_toy(0)
+    E = llava.get_input_embeddings().weight.detach()
+    torch.testing.assert_close(E.norm(dim=-1), torch.ones(E.shape[0]))   # unit-norm word vectors
+    codes = tw.visual_codes(llava, 0)
+    assert codes.shape == (2 * tw.GRID + 1, llava.config.text_config.hidden_size)
+    torch.testing.assert_close(codes, tw.visual_codes(llava, 0))       # seeded
+    e = tw.make_examples("test", 1, seed=4)[0]
+    tg = {k: torch.from_numpy(v)[None] for k, v in tw.patch_targets(e.scene).items()}
+    t = tw.projector_targets(tg, E, codes)
+    fg = tg["digit"][0] < 10
+    torch.testing.assert_close(t[0, ~fg], codes[-1].expand(int((~fg).sum()), -1))
+    i = int(torch.nonzero(fg)[0])
+    d = e.scene.digits[int(tg["obj"][0, i])]
+    want = (E[tw.WORDS.index(str(d.label))] + E[tw.WORDS.index(d.color)] + codes[d.cell[0]] + codes[tw.GRID + d.cell[1]])
+    torch.testing.assert_close(t[0, i], want)
+    assert float(tw.align_loss(t, tg, E, codes)) == 0.0
+    assert float(tw.align_loss(t + 0.1, tg, E, codes)) > 0
+
+
+def test_lm_schedule():
+    r = tw.Recipe(warm_steps=10, warm_keep=16, ramp_steps=20)
+    assert tw.lm_schedule(0, r) == (["color"], 16, False)
+    types, k, drop = tw.lm_schedule(20, r)
+    assert types == list(tw.QUESTION_TYPES) and 16 < k < 144 and not drop
+    assert tw.lm_schedule(30, r) == (list(tw.QUESTION_TYPES), None, True)
