@@ -185,3 +185,11 @@ def test_lm_schedule():
     types, k, drop = tw.lm_schedule(20, r)
     assert types == list(tw.QUESTION_TYPES) and 16 < k < 144 and not drop
     assert tw.lm_schedule(30, r) == (list(tw.QUESTION_TYPES), None, True)
+
+
+def test_training_ignores_global_grad_mode(tmp_path):
+    "Notebooks often call torch.set_grad_enabled(False); training must still train."
+    prev = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    try: assert tw.main(["--quick", "--out", str(tmp_path / "m"), "--n-test", "7"]) == 0
+    finally: torch.set_grad_enabled(prev)

@@ -435,6 +435,7 @@ def _targets(scenes)->dict:
 def _log(log, msg):
     if log: log(msg)
 
+@torch.enable_grad()   # whatever the caller's global grad mode (notebooks often turn it off)
 def train_vision(clip, r:Recipe, log=print)->list:
     "Stage 1: train `clip` (in place) with the auxiliary, dense-CLIP and global contrastive losses. Returns the loss history."
     torch.manual_seed(r.seed)
@@ -534,6 +535,7 @@ def _tower_tokens(llava, px:Tensor)->Tensor:
         h = out.hidden_states[llava.config.vision_feature_layer]
     return h[:, 1:] if llava.config.vision_feature_select_strategy == "default" else h
 
+@torch.enable_grad()   # whatever the caller's global grad mode (notebooks often turn it off)
 def train_projector(llava, r:Recipe, log=print)->list:
     "Stage 2: train LLaVA's projector alone with `align_loss` (tower and LLM frozen)."
     torch.manual_seed(r.seed + 2)
@@ -634,6 +636,7 @@ def lm_schedule(step:int, r:Recipe)->tuple:
     if t < r.ramp_steps: return types, int(r.warm_keep + (N_PATCHES - r.warm_keep) * t / r.ramp_steps), False
     return types, None, True
 
+@torch.enable_grad()   # whatever the caller's global grad mode (notebooks often turn it off)
 def train_lm(llava, r:Recipe, log=print)->tuple:
     "Stage 3: train the Llama on the questions (tower, projector and word embeddings frozen). Returns (loss history, validation history)."
     torch.manual_seed(r.seed + 3)
