@@ -204,3 +204,14 @@ def test_training_ignores_global_grad_mode(tmp_path):
     torch.set_grad_enabled(False)
     try: assert tw.main(["--quick", "--out", str(tmp_path / "m"), "--n-test", "7"]) == 0
     finally: torch.set_grad_enabled(prev)
+
+
+def test_turn_weights():
+    types = list(tw.QUESTION_TYPES)
+    assert tw.turn_probs(types) is None and tw.turn_probs(types, {}) is None
+    p = tw.turn_probs(types, {"count": 3, "count_color": 3})
+    assert p.sum() == pytest.approx(1.0) and p[types.index("count")] == pytest.approx(3 / 11)
+    assert p[types.index("color")] == pytest.approx(1 / 11)
+    with pytest.raises(ValueError, match="unknown question types"): tw.Recipe(turn_weights={"cnt": 2})
+    with pytest.raises(ValueError, match="must be > 0"): tw.Recipe(turn_weights={"count": 0})
+    assert tw.Recipe(turn_weights={"count": 3}).turn_weights == {"count": 3}

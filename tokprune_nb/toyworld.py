@@ -20,8 +20,8 @@ __all__ = ['CANVAS', 'PATCH', 'GRID', 'CELL', 'DIGIT_PX', 'MIN_DIGITS', 'MAX_DIG
            'make_example', 'ask', 'make_examples', 'toy_tokenizer', 'toy_processor', 'pixel_values', 'toy_configs',
            'build_toy', 'sincos_2d', 'sync_tower', 'Recipe', 'dense_captions', 'scene_caption', 'train_vision',
            'vision_probe', 'visual_codes', 'projector_targets', 'align_loss', 'train_projector', 'dropout_keep',
-           'lm_inputs', 'val_accuracy', 'lm_schedule', 'train_lm', 'predict', 'accuracy_table', 'assets_dir', 'Toy',
-           'git_commit', 'save_toy', 'load_toy', 'train_toy', 'main']
+           'lm_inputs', 'val_accuracy', 'turn_probs', 'lm_schedule', 'train_lm', 'predict', 'accuracy_table',
+           'assets_dir', 'Toy', 'git_commit', 'save_toy', 'load_toy', 'train_toy', 'main']
 
 # %% ../nbs/07_toyworld.ipynb #f2968675
 CANVAS = 96          # px, square canvas
@@ -385,6 +385,8 @@ class Recipe:
     lm_heads: int = 4           # Llama attention heads
     turn_weights: dict = None   # relative odds of each question type in the extra turns (None: uniform)
 
+    def __post_init__(self): turn_probs(list(QUESTION_TYPES), self.turn_weights)   # bad weights fail here, not 11 min in
+
 def _lr_at(step, total, peak, r:Recipe):
     w = max(1, int(r.warmup * total))
     if step < w: return peak * (step + 1) / w
@@ -629,6 +631,15 @@ def val_accuracy(llava, examples:list, batch:int=64)->dict:
     out["all"] = float(np.mean([x for v in hits.values() for x in v]))
     return out
 
+def turn_probs(types:list, weights:dict=None):
+    "Sampling probabilities over `types` for the extra turns of a conversation (`None`: uniform)."
+    if not weights: return None
+    bad = [t for t in weights if t not in QUESTION_TYPES]
+    if bad: raise ValueError(f"`turn_weights` has unknown question types {bad}; allowed: {list(QUESTION_TYPES)}")
+    if any(not (w > 0) for w in weights.values()): raise ValueError(f"`turn_weights` values must be > 0, got {weights}")
+    w = np.array([weights.get(t, 1.0) for t in types], float)
+    return w / w.sum()
+
 def lm_schedule(step:int, r:Recipe)->tuple:
     "Stage 3 at `step`: (question types, visual tokens kept or None for all, dropout allowed)."
     types = list(QUESTION_TYPES)
@@ -654,10 +665,10 @@ def train_lm(llava, r:Recipe, log=print)->tuple:
         types, k, drop = lm_schedule(step, r)
         ex = [make_example(rng, "train", types[(i + step) % len(types)], clutter=r.clutter) for i in range(r.batch)]
         # the first turn is the scene's own (balanced) question, then `turns - 1` more about the same scene
-        w = None if not r.turn_weights else np.array([r.turn_weights.get(t, 1.0) for t in types], float)
+        p = turn_probs(types, r.turn_weights)
         dialogues = [[e] + [ask(e.scene, types[j], rng)
-                            for j in rng.choice(len(types), r.turns - 1, replace=len(types) < r.turns - 1,
-                                                p=None if w is None else w / w.sum())] for e in ex]
+                            for j in rng.choice(len(types), r.turns - 1, replace=len(types) < r.turns - 1, p=p)]
+                     for e in ex]
         scenes = [e.scene for e in ex]
         tg = _targets(scenes)
         with torch.no_grad():
@@ -680,7 +691,7 @@ def train_lm(llava, r:Recipe, log=print)->tuple:
     llava.eval()
     return hist, vhist
 
-# %% ../nbs/07_toyworld.ipynb #fcb806dd
+# %% ../nbs/07_toyworld.ipynb #fc721418
 def predict(
     model,             # a LlavaForConditionalGeneration (possibly inside `pruned(...)`)
     processor,         # its LlavaProcessor
@@ -710,7 +721,7 @@ def accuracy_table(examples:list, preds:list)->dict:
     return {"accuracy": float(hit.mean()) if len(hit) else float("nan"),
             "by_family": by(lambda e: e.family), "by_type": by(lambda e: e.qtype)}
 
-# %% ../nbs/07_toyworld.ipynb #1c1256b7
+# %% ../nbs/07_toyworld.ipynb #6bf0a8c0
 def assets_dir()->Path:
     "Where the shipped toy model lives (`tokprune_nb/assets/toy`)."
     from importlib.resources import files
@@ -761,7 +772,7 @@ def load_toy(path=None)->Toy:
     meta = json.loads((path / "toy.json").read_text()) if (path / "toy.json").exists() else {}
     return Toy(llava, proc, clip, ctok, meta)
 
-# %% ../nbs/07_toyworld.ipynb #603c09cc
+# %% ../nbs/07_toyworld.ipynb #425e5363
 def train_toy(
     out=None,             # directory to save to (None: do not save)
     recipe:Recipe=None,   # hyper-parameters (default: the shipped model's)
