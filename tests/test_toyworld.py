@@ -1,10 +1,23 @@
 "Toy world: scene generator, questions, splits, tokenizer/processor, shipped weights."
-import json
+import importlib, json
+from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
 
 from tokprune_nb import toyworld as tw
+from tokprune_nb.toyworld.models import _tower_tokens, _lm_hidden
+
+
+def test_package_reexports_the_modules():
+    "`tokprune_nb.toyworld` is a package of five modules; it re-exports each public name, defined in exactly one."
+    mods = [tw.data, tw.models, tw.train, tw.evaluate, tw.io]
+    names = [n for m in mods for n in m.__all__]
+    assert len(names) == len(set(names)) == 67 and sorted(tw.__all__) == sorted(names)
+    for m in mods:
+        for n in m.__all__: assert getattr(tw, n) is getattr(m, n), n
+    assert importlib.import_module("tokprune_nb.toyworld").main is tw.train.main   # `tokprune train-toy`
+    assert (tw.assets_dir() / "toy.json").exists() and (tw.assets_dir() / "llava" / "config.json").exists()
 
 
 def test_split_disjoint_and_complete():
@@ -113,8 +126,8 @@ def test_lm_inputs_match_generate():
     inp = proc(images=[tw.render(e.scene) for e in ex], text=[e.prompt for e in ex], return_tensors="pt", padding=True)
     with torch.no_grad():
         g = llava.generate(**inp, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
-        z = llava.model.multi_modal_projector(tw._tower_tokens(llava, inp["pixel_values"]))
-        mine = llava.lm_head(tw._lm_hidden(llava, tw.lm_inputs(llava, z, [[e] for e in ex]))[:, -1])
+        z = llava.model.multi_modal_projector(_tower_tokens(llava, inp["pixel_values"]))
+        mine = llava.lm_head(_lm_hidden(llava, tw.lm_inputs(llava, z, [[e] for e in ex]))[:, -1])
     torch.testing.assert_close(mine, g.scores[0], atol=1e-5, rtol=1e-5)
 
 
@@ -153,7 +166,7 @@ def test_shipped_model_meets_the_accuracy_targets(toy):
     assert min(acc["by_type"].values()) >= 0.90, acc["by_type"]
     # and the numbers recorded in toy.json at training time are these
     assert acc["accuracy"] == pytest.approx(toy.meta["test"]["accuracy"]), (acc, toy.meta["test"])
-    assert toy.meta["recipe"] == {**tw.asdict(tw.Recipe()), "seed": toy.meta["seed"]}   # trained with the defaults
+    assert toy.meta["recipe"] == {**asdict(tw.Recipe()), "seed": toy.meta["seed"]}   # trained with the defaults
 
 
 def test_load_toy_missing(tmp_path):
