@@ -118,6 +118,63 @@ def test_tokenizer_and_processor_round_trip(tmp_path):
     assert ids[0] == ctok.bos_token_id and ids[-1] == ctok.eos_token_id == 3
 
 
+def _toy_texts()->list:
+    "Every word alone and together, a few hundred questions/prompts/answers and CLIP captions, and some edge cases."
+    from tokprune_nb.toyworld.train import dense_captions, scene_caption
+    texts = list(tw.WORDS) + [" ".join(tw.WORDS), " ".join(reversed(tw.WORDS))]
+    for split, seed in (("train", 0), ("val", 1), ("test", 2)):
+        for e in tw.make_examples(split, 70, seed=seed):
+            texts += [e.question, e.prompt, f"{e.prompt} {e.answer} </s>", scene_caption(e.scene)]
+    rng = np.random.RandomState(0)
+    for _ in range(20): texts += dense_captions(rng)[0]
+    texts += ["", "   ", "zebra", "the zebra 7 ?", "what color is the 7?", "USER:what", "red\n\t7  blue",
+              "<image>" * 3, "USER: <image>7 ASSISTANT:", "<s>the</s>", "<pad> <unk> 12 Red",
+              "USER: " + "<image> " * 144 + "what color is the 7 ? ASSISTANT:"]
+    return texts
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_toy_tokenizer_matches_the_shipped_one(clip):
+    "`toy_tokenizer` (now a call of `word_tokenizer`) = the tokenizer saved with the shipped model: ids, masks, specials, decode."
+    from transformers import PreTrainedTokenizerFast
+    d = tw.assets_dir() / ("clip" if clip else "llava")
+    saved = PreTrainedTokenizerFast.from_pretrained(d)   # as `load_toy` loads it (the processor's tokenizer: same files)
+    raw = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), pad_token="<pad>")   # tokenizer.json alone
+    new = tw.toy_tokenizer("right", clip=True) if clip else tw.toy_tokenizer()
+    assert new.padding_side == saved.padding_side == ("right" if clip else "left")
+    assert new.model_max_length == saved.model_max_length == 512
+    assert new.get_vocab() == saved.get_vocab() == raw.get_vocab() == {w: i for i, w in enumerate(tw.WORDS)}
+    for k in ("bos", "eos", "pad", "unk"):
+        assert getattr(new, f"{k}_token") == getattr(saved, f"{k}_token"), k
+        assert getattr(new, f"{k}_token_id") == getattr(saved, f"{k}_token_id"), k
+    assert (new.bos_token_id, new.eos_token_id, new.pad_token_id, new.unk_token_id) == (1, 3, 0, 2)
+    assert new.image_token == saved.image_token == "<image>" and new.image_token_id == saved.image_token_id == 4
+    assert new.all_special_tokens == saved.all_special_tokens and new.all_special_ids == saved.all_special_ids
+    assert {i: str(t) for i, t in new.added_tokens_decoder.items()} == {i: str(t) for i, t in saved.added_tokens_decoder.items()}
+    texts = _toy_texts()
+    assert len(texts) > 1000
+    for t in texts:   # one at a time: ids, mask, tokens, decode (with and without specials)
+        a, b, c = new(t), saved(t), raw(t)
+        assert a.input_ids == b.input_ids == c.input_ids and a.attention_mask == b.attention_mask == c.attention_mask, t
+        assert new.convert_ids_to_tokens(a.input_ids) == saved.convert_ids_to_tokens(b.input_ids), t
+        for skip in (False, True):
+            assert new.decode(a.input_ids, skip_special_tokens=skip) == saved.decode(b.input_ids, skip_special_tokens=skip), t
+    for side in ("left", "right"):   # batched with padding, both sides
+        for i in range(0, len(texts), 97):
+            chunk = texts[i:i + 97]
+            a, b, c = (tok(chunk, padding=True, padding_side=side, return_tensors="pt") for tok in (new, saved, raw))
+            assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["input_ids"], c["input_ids"])
+            assert torch.equal(a["attention_mask"], b["attention_mask"]) and torch.equal(a["attention_mask"], c["attention_mask"])
+            pads = a["attention_mask"] == 0
+            assert pads.any() and (a["input_ids"][pads] == 0).all()
+            assert (pads[:, 0] if side == "left" else pads[:, -1]).any()
+            for skip in (False, True):
+                assert new.batch_decode(a["input_ids"], skip_special_tokens=skip) == saved.batch_decode(b["input_ids"], skip_special_tokens=skip)
+    long = " ".join(["red 7"] * 400)   # past model_max_length: the same truncation
+    assert new(long, truncation=True).input_ids == saved(long, truncation=True).input_ids
+    assert len(new(long, truncation=True).input_ids) == 512
+
+
 def test_lm_inputs_match_generate():
     "The training forward (`lm_inputs`) is the processor -> generate path, bit for bit (random model)."
     clip, llava = tw.build_toy(0)
