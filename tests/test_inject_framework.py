@@ -1,12 +1,16 @@
-"""The model-independent parts of tokprune_nb.inject: helpers (property tests), the pruned(...) context mechanics."""
+"""The model-independent parts of the adapter template (adapters.base helpers, property tests) and of the pruned(...)
+context mechanics; what every family must do is in test_conformance.py."""
 import inspect
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from transformers.generation.utils import GenerateDecoderOnlyOutput
-from tokprune_nb.inject import (pruned, last_selection, adapter_class, image_rows, shorten_rows, splice_generated,
-                                pad_token_id, run_policy, check_policy_inputs, ADAPTERS, Adapter, Prepared)
-from tokprune_nb.inject_llava import tiny_llava, tiny_inputs, LlavaAdapter
+from tokprune_nb.inject import pruned, last_selection
+from tokprune_nb.registry import adapter_class, FAMILIES, families
+from tokprune_nb.adapters.base import (image_rows, shorten_rows, splice_generated, pad_token_id, run_policy,
+                                       check_policy_inputs, Adapter, Prepared)
+from tokprune_nb.adapters.llava import LlavaAdapter
+from tokprune_nb.testing.tiny import tiny_llava, tiny_inputs
 from tokprune_nb.core import TokenSet
 from tokprune_nb.policies import RandomPrune, RelevancePrune
 
@@ -35,11 +39,12 @@ def test_shorten_rows_properties(data):
         elif p: am[b, :p] = 0
     ids = torch.randint(5, 50, (B, L)); ids[am == 0] = 0
     keep = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=L, max_size=L), min_size=B, max_size=B)))
-    keep |= am == 0                                                        # padding itself is not dropped
-    keep[:, 0] |= ~keep.any(1)
+    first_real = am.argmax(1)                                              # every row keeps one real token
+    keep[torch.arange(B), first_real] |= ~(keep & am.bool()).any(1)
     labels = ids.clone()
     ni, na, ex, pos = shorten_rows(ids, am, keep, pad_id=1, extras={"labels": labels})
-    S = int(keep.sum(1).max())
+    keep = keep & am.bool()                                                # padding is always dropped ...
+    S = int(keep.sum(1).max())                                             # ... so the width is the longest real row
     assert ni.shape == (B, S) and na.shape == (B, S) and pos.shape == (B, S)
     for b in range(B):
         real = pos[b] >= 0
@@ -53,9 +58,21 @@ def test_shorten_rows_properties(data):
 
 
 def test_shorten_rows_no_drop_is_identity():
-    ids = torch.tensor([[0, 5, 6], [7, 8, 9]]); am = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    ids = torch.tensor([[4, 5, 6], [7, 8, 9]]); am = torch.ones(2, 3, dtype=torch.long)
     ni, na, ex, pos = shorten_rows(ids, am, torch.ones(2, 3, dtype=torch.bool), 0)
     assert ni is ids and na is am and torch.equal(pos, torch.tensor([[0, 1, 2], [0, 1, 2]]))
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]]); am = torch.tensor([[0, 1, 1], [1, 1, 1]])   # padding, nothing dropped:
+    ni, na, ex, pos = shorten_rows(ids, am, torch.ones(2, 3, dtype=torch.bool), 0)           # the same layout
+    assert torch.equal(ni, ids) and torch.equal(na, am) and torch.equal(pos, torch.tensor([[-1, 1, 2], [0, 1, 2]]))
+
+
+def test_padding_is_removed_after_pruning():
+    "Defect: a mixed batch kept its padding columns; the width must be the longest real row after pruning."
+    ids = torch.tensor([[0, 0, 0, 0, 5, 9, 6], [7, 9, 9, 9, 9, 9, 8]]); am = (ids != 0).long()
+    keep = ids != 9; keep[1, 1] = True
+    ni, na, _, pos = shorten_rows(ids, am, keep, 0)
+    assert ni.tolist() == [[0, 5, 6], [7, 9, 8]] and na.tolist() == [[0, 1, 1], [1, 1, 1]]
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
     ni, na, _, _ = shorten_rows(ids, None, torch.tensor([[1, 0, 1], [1, 0, 1]]).bool(), 0)
     assert na is None and torch.equal(ni, torch.tensor([[0, 6], [7, 9]]))
 
@@ -105,7 +122,7 @@ def test_check_policy_inputs_needs():
 def test_adapter_lookup(llava):
     model = llava[0]
     assert adapter_class(model) is LlavaAdapter
-    assert all(":" in v for v in ADAPTERS.values())
+    assert all(f.adapter.family is f for f in families().values())
     with pytest.raises(TypeError, match="LlavaNextForConditionalGeneration"): adapter_class(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="not supported"):
         with pruned(torch.nn.Linear(2, 2), RandomPrune(keep=0.5)): pass
@@ -115,7 +132,7 @@ def test_adapter_lookup(llava):
 
 def test_inject_imports_no_adapter():
     import subprocess, sys
-    code = "import sys, tokprune_nb.inject; print(any(m.startswith('tokprune_nb.inject_') for m in sys.modules))"
+    code = "import sys, tokprune_nb.inject; print(any(m.startswith('tokprune_nb.adapters.') and m != 'tokprune_nb.adapters.base' for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
@@ -220,7 +237,7 @@ def test_inputs_embeds_rejected(llava):
 
 
 def test_custom_adapter_protocol(llava, monkeypatch):
-    "A third-party adapter only needs model_classes, __init__ and prepare -> Prepared; contexts are entered around the call."
+    "A third-party adapter may override `prepare` -> Prepared entirely; contexts are entered around the call."
     model, proc, inputs = llava
     events = []
 
@@ -235,10 +252,9 @@ def test_custom_adapter_protocol(llava, monkeypatch):
             return Prepared(kwargs=dict(inputs), selection=[torch.arange(16)] * 3, orig_input_ids=inputs["input_ids"],
                             short_len=inputs["input_ids"].shape[1], contexts=[Ctx()])
 
-    import sys, types
-    mod = types.ModuleType("fake_adapter_mod"); mod.Echo = Echo
-    monkeypatch.setitem(sys.modules, "fake_adapter_mod", mod)
-    monkeypatch.setitem(ADAPTERS, "LlavaForConditionalGeneration", "fake_adapter_mod:Echo")
+    import dataclasses
+    fam = families()["LlavaForConditionalGeneration"]
+    monkeypatch.setitem(FAMILIES, "LlavaForConditionalGeneration", dataclasses.replace(fam, adapter=Echo))
     ref = model(**inputs).logits
     with pruned(model, RandomPrune(keep=1.0)):
         assert torch.equal(model(**inputs).logits, ref)

@@ -238,6 +238,7 @@ class Adapter:
     family = None                       # the registry.Family, set by `register_adapter`
     model_classes: tuple = ()
     image_keys: tuple = ("pixel_values",)   # inputs the vision pass consumes (dropped from the LLM call)
+    structural_tokens: bool = False     # True if kept tokens bring unscored layout tokens along (LLaVA-NeXT's newlines)
 
     def __init__(self, model, *, clip=None, clip_tokenizer=None, tokenizer=None):
         self.model, self.clip, self.clip_tokenizer, self.tokenizer = model, clip, clip_tokenizer, tokenizer
@@ -262,7 +263,8 @@ class Adapter:
         "Family-specific input checks (before any compute)."
 
     def token_counts(self, inputs:dict):
-        "Prunable tokens per image, computed cheaply before the vision pass (None: unknown until `encode`)."
+        """Placeholder tokens per image, all of them prunable, computed cheaply before the vision pass (None: unknown
+        until `encode`); lets the placeholder count and the budget be checked before any compute."""
         return None
 
     def encode(self, inputs:dict, needs:frozenset, policy)->list:
@@ -292,7 +294,7 @@ class Adapter:
         is_img = ids == img_id
         if not bool(is_img.any()): raise ValueError(f"no image in the inputs: `input_ids` holds no image token (id {img_id})")
         counts = self.token_counts(inputs)
-        if counts is not None: check_budget(policy, counts)
+        if counts is not None: image_rows(is_img.sum(1).tolist(), counts); check_budget(policy, counts)
         imgs = self.encode(inputs, needs, policy)
         rows = image_rows(is_img.sum(1).tolist(), [im.packed.shape[0] for im in imgs])
         tmask = text_token_mask(ids, am, self.special_token_ids())

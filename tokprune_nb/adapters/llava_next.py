@@ -31,6 +31,7 @@ def llava_next_7b_config():
                   doc="CLIP ViT-L/14-336, anyres tiles + newlines · CLS attention per tile · CLIP term · 1-D positions · images")
 class LlavaNextAdapter(LlavaAdapter):
     "Adapter for `LlavaNextForConditionalGeneration` (anyres tiles + newline tokens)."
+    structural_tokens = True            # a kept row brings its newline
 
     def check_family_inputs(self, inputs):
         if inputs.get("image_sizes") is None:

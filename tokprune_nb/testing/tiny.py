@@ -25,10 +25,10 @@ def _sizes(sizes, n:int, default)->list:
     return sizes
 
 def tiny_images(n:int, size=(40, 50), seed:int=0)->list:
-    "`n` random RGB images (PIL), `size` = (height, width), a side, or a list of sizes (one per image)."
+    "`n` random RGB images (PIL), `size` = (height, width), a side, or a list of sizes; image `i` is drawn from seed `seed + i`."
     from PIL import Image
-    rng = np.random.RandomState(seed)
-    return [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in _sizes(size, n, (40, 50))]
+    return [Image.fromarray(np.random.RandomState(seed + i).randint(0, 255, (h, w, 3), dtype=np.uint8))
+            for i, (h, w) in enumerate(_sizes(size, n, (40, 50)))]
 
 # %% ../../nbs/testing/tiny.ipynb #7f145590
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:", "what", "is", "in", "the", "image", "?",
