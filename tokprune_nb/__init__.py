@@ -6,11 +6,19 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_package.ipynb #61eda009
+# %% ../nbs/99_package.ipynb #581ad9e0
+__doc__ = """Training-free visual-token reduction for Hugging Face vision-language models.
+
+`with pruned(model, ZSPAPrune(keep=0.111)): model.generate(**inputs)` prunes the image tokens of any registered family
+(`tokprune_nb.registry.families()`) before the unchanged language model. Layout: `core` (TokenSet), `scoring`,
+`diversity`, `policies` (selection), `registry` + `adapters/` (one file per family on the `adapters.base` template),
+`inject` (`pruned`), `testing/` (tiny models, tokenizers), `measure/` (FLOPs, bench), `toyworld/`, `apps/` (CLI, demo,
+ablations, widgets)."""
 from tokprune_nb.core import TokenSet
+from tokprune_nb.registry import families
 from tokprune_nb.inject import pruned, last_selection
 from tokprune_nb.policies import (Policy, ZSPAPrune, ATP, RandomPrune, UniformPrune, ClsAttnPrune, RelevancePrune,
                                   KMeansPrune, DivPrune, DPPPrune, POLICIES, budget)
 
-__all__ = ['pruned', 'last_selection', 'TokenSet', 'Policy', 'ZSPAPrune', 'ATP', 'RandomPrune', 'UniformPrune', 'ClsAttnPrune', 'RelevancePrune',
+__all__ = ['pruned', 'last_selection', 'families', 'TokenSet', 'Policy', 'ZSPAPrune', 'ATP', 'RandomPrune', 'UniformPrune', 'ClsAttnPrune', 'RelevancePrune',
            'KMeansPrune', 'DivPrune', 'DPPPrune', 'budget', 'POLICIES']
