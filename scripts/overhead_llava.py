@@ -13,8 +13,9 @@ usage: python scripts/overhead_llava.py [--repeats 15] [--out results/overhead_l
 """
 import argparse, json, os, platform, statistics, time
 import torch
-from tokprune_nb.inject import pruned, adapter_class
-from tokprune_nb.inject_llava import tiny_llava, mid_llava, tiny_inputs, tiny_images, tiny_clip
+from tokprune_nb.inject import pruned
+from tokprune_nb.registry import adapter_class
+from tokprune_nb.testing.tiny import tiny_llava, mid_llava, tiny_inputs, tiny_images, tiny_clip
 from tokprune_nb.policies import RandomPrune, RelevancePrune, ClsAttnPrune, ZSPAPrune, ATP
 
 
@@ -39,11 +40,11 @@ def measure(name, model, proc, image_size, repeats):
     for pname, pol in policies.items():
         kw = dict(clip=clip, clip_tokenizer=ctok, tokenizer=proc.tokenizer) if pname == "ATP" else {}
         adapter = adapter_class(model)(model, **kw)
-        enc, vt = adapter._encode, [0.0]
-        def timed_encode(*a, **k):
+        enc, vt = adapter._features, [0.0]       # the LLaVA adapter's vision pass (get_image_features)
+        def timed_features(*a, **k):
             t = time.perf_counter(); out = enc(*a, **k); vt[0] = time.perf_counter() - t
             return out
-        adapter._encode = timed_encode           # instance attribute on our own adapter object only
+        adapter._features = timed_features       # instance attribute on our own adapter object only
         timed = Timed(pol)
         rec = {k: [] for k in ("T0", "P", "V", "S", "T1")}
         with pruned(model, pol, **kw): model(**inputs)           # warm-up

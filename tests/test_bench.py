@@ -3,10 +3,10 @@ import json, math
 import pytest
 import torch
 
-import tokprune_nb.bench as B
-from tokprune_nb.bench import (main, bench, build_case, run_once, flops_records, write_json, plot, parse_keeps,
+import tokprune_nb.measure.bench as B
+from tokprune_nb.measure.bench import (main, bench, build_case, run_once, flops_records, write_json, plot, parse_keeps,
                                Timer, PeakMemory, KeepAll, TimedPolicy, make_policy, kv_cache_mb, Case, REQUIRED_FIELDS)
-from tokprune_nb.inject import adapter_class
+from tokprune_nb.registry import adapter_class, families, published_configs
 
 
 def test_cli_tiny_end_to_end(tmp_path):
@@ -86,7 +86,7 @@ def test_bfloat16_path_on_cpu():
 
 def test_run_once_qwen():
     "The Qwen path of the benchmark (only a 7B arch on a GPU in the CLI) on the tiny Qwen model."
-    from tokprune_nb.inject_qwen import tiny_qwen2_5_vl, tiny_qwen_inputs
+    from tokprune_nb.testing.tiny import tiny_qwen2_5_vl, tiny_qwen_inputs
     m, p = tiny_qwen2_5_vl()
     case = Case("tiny-qwen", m, m.config, dict(tiny_qwen_inputs(p, ["what color is the cat ?"])), p.tokenizer)
     ad = adapter_class(m)(m, tokenizer=p.tokenizer)
@@ -95,6 +95,28 @@ def test_run_once_qwen():
     r1 = run_once(case, pol, ad, "cpu", new_tokens=3)
     assert r0["kept_tokens"] == 16 and r1["kept_tokens"] == 4 and r0["seq_len"] - r1["seq_len"] == 12
     assert len(pol.times) == 3        # prepare, forward, generate: one selection each
+
+
+@pytest.mark.parametrize("name", [f.name for f in families().values()])
+def test_every_family_tiny_arch(name):
+    "`--arch <family>-tiny` for every registered family: the family's own builders, one pruned configuration timed."
+    case = build_case(f"{name}-tiny")
+    assert case.family.name == name and (case.clip is not None) == case.family.clip_tower
+    ad = adapter_class(case.model)(case.model, clip=case.clip, clip_tokenizer=case.clip_tokenizer, tokenizer=case.tokenizer)
+    r0 = run_once(case, KeepAll(), ad, "cpu", new_tokens=2)
+    r1 = run_once(case, TimedPolicy(make_policy("zspaprune", 0.25)), ad, "cpu", new_tokens=2)
+    assert 0 < r1["kept_tokens"] < r0["kept_tokens"] and r1["seq_len"] < r0["seq_len"]
+
+
+@pytest.mark.parametrize("arch", list(published_configs()))
+def test_every_published_arch(arch):
+    "Every registered published checkpoint: FLOPs-only records from its reference tokens, inputs built on meta."
+    fam, pub = published_configs()[arch]
+    recs = flops_records(arch, keeps=(1.0, 0.25))
+    assert [r["kept_tokens"] for r in recs] == [pub.visual_tokens, pub.visual_tokens, round(0.25 * pub.visual_tokens)]
+    c = build_case(arch, device="meta", dtype=torch.bfloat16)
+    assert int((c.inputs["input_ids"] == c.config.image_token_id).sum()) == pub.visual_tokens + pub.extra_tokens
+    assert c.family is fam
 
 
 class FakeCuda:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tokprune_nb.cli import SUBCOMMANDS, main
+from tokprune_nb.apps.cli import SUBCOMMANDS, main
 
 
 def run(*args):

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from tokprune_nb import POLICIES
-from tokprune_nb import demo
+from tokprune_nb.apps import demo
 
 
 def test_demo_end_to_end(tmp_path, capsys):
@@ -36,7 +36,7 @@ def test_demo_end_to_end(tmp_path, capsys):
 def test_prefill_flops_match_helper():
     "The demo's FLOPs are the flops module's analytic prefill count with logits at one position (as in generate)."
     from tokprune_nb.toyworld import toy_configs
-    from tokprune_nb.flops import analytic_prefill_flops
+    from tokprune_nb.measure.flops import analytic_prefill_flops
     _, cfg = toy_configs()
     n = 160
     assert demo.llm_prefill_flops(cfg, n) == analytic_prefill_flops(cfg, n, lm_head_tokens=1)

@@ -4,15 +4,15 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from tokprune_nb.flops import (count_flops, analytic_prefill_flops, analytic_prefill_breakdown, meta_prefill_flops,
+from tokprune_nb.measure.flops import (count_flops, analytic_prefill_flops, analytic_prefill_breakdown, meta_prefill_flops,
                                ARCH_CONFIGS, reference_seq_len, prefill_table, fvcore_analysis, torch_flop_counter,
                                torch_flop_counts)
-from tokprune_nb.inject_llava import tiny_llava, tiny_llava_next, tiny_inputs, tiny_clip
-from tokprune_nb.inject_qwen import tiny_qwen2_5_vl, tiny_qwen_inputs
+from tokprune_nb.registry import families
+from tokprune_nb.testing.tiny import tiny_llava, tiny_inputs, tiny_clip, tiny_qwen2_5_vl, tiny_qwen_inputs
 from tokprune_nb.policies import ZSPAPrune, ATP, ClsAttnPrune, DPPPrune, DivPrune, RandomPrune
 
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-FAMILIES = ("llava", "llava-next", "qwen2.5-vl")
+FAMILIES = tuple(f.name for f in families().values())   # every registered family
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,11 +24,16 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
+    "Each registered family's tiny model, processor and one prompt's inputs (built by the family's own builders)."
     out = {}
-    m, p = tiny_llava(); out["llava"] = (m, p, tiny_inputs(p, ["what color is the ball ?"]))
-    m, p = tiny_llava_next(); out["llava-next"] = (m, p, tiny_inputs(p, ["what color is the ball ?"]))
-    m, p = tiny_qwen2_5_vl(); out["qwen2.5-vl"] = (m, p, tiny_qwen_inputs(p, ["what color is the cat ?"]))
+    for f in families().values():
+        m, p = f.tiny(); out[f.name] = (m, p, f.inputs(p, ["what color is the cat ?"]))
     return out
+
+
+def test_families_registered():
+    assert {"llava", "llava-next", "qwen2.5-vl"} <= set(FAMILIES)
+    assert {"llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b"} <= set(ARCH_CONFIGS)
 
 
 def _close(a, b, rel=0.01): return abs(a - b) <= rel * max(abs(a), abs(b), 1)

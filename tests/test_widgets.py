@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tokprune_nb import POLICIES
-from tokprune_nb import widgets as W
+from tokprune_nb.apps import widgets as W
 from tokprune_nb.toyworld import load_toy, make_examples, render
 
 
