@@ -499,3 +499,69 @@ def test_classic_kmeanspp_fast_path_matches_general_path():
     general = dv._kmeanspp(X, xn, valid, u.repeat(1, 2))
     assert torch.equal(fast, general)
     assert (fast[2] < 100).all()   # padding never chosen
+
+
+# ---------------------------------------------------------------- issue 11: exact ties and batches
+
+from tokprune_nb.diversity import _first_copies, _bmm, _aligned
+
+
+@pytest.mark.parametrize('N, D', [(5, 37), (6, 37), (9, 100), (11, 37), (23, 129), (64, 300), (40, 600)])
+def test_identical_tokens_earliest(N, D):
+    "Copies of one token: the earliest copies are chosen (BLAS rounds the tail rows of a block differently)."
+    x = _randn(D, seed=N).expand(N, D).contiguous()
+    for k in sorted({1, 2, N // 2, N - 1}):
+        assert sorted(kmeans_nearest(x, k).tolist()) == list(range(k)), ('kmeans', k)   # (in centre order)
+        assert sorted(nearest_to_centres(x, x[:k] + 0.0).tolist()) == list(range(k)), ('nearest', k)
+        for metric in ('cosine', 'euclidean'):
+            assert maxmin_select(x, k, metric=metric).tolist() == list(range(k)), (metric, k)
+            assert maxmin_select(x, k, metric=metric, start='isolated').tolist() == list(range(k))
+        if k < N - 1:
+            assert maxmin_select(x, k, selected=torch.tensor([N - 1])).tolist() == list(range(k))
+
+
+def test_copies_among_distinct_tokens():
+    "Two groups of copies among distinct tokens: each group contributes its earliest copies."
+    base = _randn(4, 37, seed=5)
+    x = base[[0, 1, 2, 0, 3, 1, 0, 2, 1]]
+    first = _first_copies(x[None], torch.ones(1, 9, dtype=torch.bool))
+    assert first.tolist() == [[0, 1, 2, 0, 4, 1, 0, 2, 1]]
+    out = maxmin_select(x, 4)
+    assert sorted(out.tolist()) == [0, 1, 2, 4]
+    assert sorted(kmeans_nearest(x, 4).tolist()) == [0, 1, 2, 4]
+
+
+@pytest.mark.parametrize('fn', ['kmeans_nearest', 'maxmin_select', 'maxmin_seeded', 'nearest_to_centres'])
+def test_batch_equals_alone_bit_exactly_unaligned(fn):
+    """D not a multiple of 16: images 1, 2 of a batch start at unaligned addresses, where BLAS used to round
+    differently from the same image alone. Integer-valued and duplicated tokens make exact ties."""
+    rng = np.random.default_rng(0)
+    for case in range(80):
+        B, N = 3, int(rng.integers(4, 40))
+        D = int(rng.choice([d for d in range(3, 70) if d % 16]))
+        kind = case % 3
+        if kind == 0: x = _randn(B, N, D, seed=case)
+        elif kind == 1: x = torch.from_numpy(rng.integers(-2, 3, (B, N, D))).float()
+        else: x = _randn(B, 3, D, seed=case)[:, torch.from_numpy(rng.integers(0, 3, N))]
+        k = int(rng.integers(1, N // 2 + 1))
+        for b in range(B):
+            xa = x[b].clone()
+            if fn == 'kmeans_nearest': got, want = kmeans_nearest(x, k, seed=case)[b], kmeans_nearest(xa, k, seed=case)
+            elif fn == 'maxmin_select': got, want = maxmin_select(x, k)[b], maxmin_select(xa, k)
+            elif fn == 'maxmin_seeded':
+                sel = torch.tensor([[0, N - 1]] * B)
+                got, want = maxmin_select(x, k, selected=sel)[b], maxmin_select(xa, k, selected=sel[b])
+            else:
+                cen = x[:, :k] * 0.9 + 0.1
+                got, want = nearest_to_centres(x, cen)[b], nearest_to_centres(xa, cen[b].clone())
+            assert torch.equal(got, want), (fn, case, b)
+
+
+def test_aligned_keeps_strides_and_values():
+    x = torch.randn(2, 5, 7)
+    v = x.transpose(1, 2)[1:]                     # starts 35 floats in: not 64-byte aligned
+    a = _aligned(v)
+    assert a.data_ptr() % 64 == 0 and a.stride() == v.stride() and torch.equal(a, v)
+    assert _aligned(x) is x
+    w = torch.randn(2, 1, 7)
+    assert torch.equal(_bmm(w, x.transpose(1, 2))[1], _bmm(w[1:], x[1:].clone().transpose(1, 2))[0])

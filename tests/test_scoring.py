@@ -100,3 +100,43 @@ def test_hybrid_normalisation_and_alpha():
     with pytest.raises(TypeError, match='`alpha` must be a float'):
         hybrid_scores(rel, sal, '0.5')
     torch.testing.assert_close(minmax_normalize(torch.tensor([3.0, 3.0, 3.0])), torch.zeros(3))
+
+
+# ---------------------------------------------------------------- issue 11: exact ties and batches
+
+@pytest.mark.parametrize('reduce', ['mean', 'max'])
+def test_relevance_identical_tokens_score_identically(reduce):
+    "Five (or many) identical tokens: one score, bit for bit (a BLAS matrix-vector product gave the tail rows another)."
+    for N, D in [(5, 37), (5, 64), (9, 100), (23, 129), (300, 1000)]:
+        g = torch.Generator().manual_seed(N + D)
+        feats = torch.randn(D, generator=g).expand(N, D).contiguous()
+        out = relevance_scores(feats, torch.randn(4, D, generator=g), reduce=reduce)
+        assert out.unique().numel() == 1, (N, D)
+
+
+@pytest.mark.parametrize('reduce', ['mean', 'max'])
+def test_relevance_batch_equals_alone_bit_exactly(reduce):
+    "Padded batches (D not a multiple of 16: unaligned images), padded prompts, holes in prompt masks, views."
+    rng = torch.Generator().manual_seed(0)
+    for case in range(60):
+        B, N, T = 3, int(torch.randint(1, 40, (1,), generator=rng)), int(torch.randint(1, 7, (1,), generator=rng))
+        D = int(torch.randint(3, 70, (1,), generator=rng)); D += D % 16 == 0
+        feats, prompt = torch.randn(B, N, D, generator=rng), torch.randn(B, T, D, generator=rng)
+        pm = torch.rand(B, T, generator=rng) > 0.4
+        pm[:, 0] = True
+        out = relevance_scores(feats, prompt, pm, reduce=reduce)
+        for b in range(B):
+            alone = relevance_scores(feats[b].clone(), prompt[b][pm[b]].clone(), reduce=reduce)
+            assert torch.equal(out[b], alone), (case, b)
+        nc = feats.transpose(1, 2).contiguous().transpose(1, 2)      # a non-contiguous view of the same values
+        assert torch.equal(relevance_scores(nc, prompt, pm, reduce=reduce), out)
+
+
+def test_clip_similarity_batch_equals_alone_and_ties():
+    g = torch.Generator().manual_seed(3)
+    cf, ct = torch.randn(3, 11, 37, generator=g), torch.randn(3, 37, generator=g)
+    out = clip_similarity_scores(cf, ct)
+    for b in range(3):
+        assert torch.equal(out[b], clip_similarity_scores(cf[b].clone(), ct[b].clone()))
+    same = torch.randn(37, generator=g).expand(9, 37).contiguous()
+    assert clip_similarity_scores(same, ct[0]).unique().numel() == 1

@@ -51,17 +51,59 @@ def _gather_rows(X:Tensor, idx:Tensor)->Tensor:
     "Rows `idx [B,L]` of `X [B,N,D]` -> `[B,L,D]`."
     return X.gather(1, idx.unsqueeze(-1).expand(-1, -1, X.shape[-1]))
 
+def _aligned(t:Tensor)->Tensor:
+    """`t`, or a copy with the same strides at a fresh address when its data is not 64-byte aligned: BLAS picks its
+    code path by the data's alignment too, so the same values at another address (image 1 of a batch whose
+    `N*D` is not a multiple of 16, a view) could round differently."""
+    return t if t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.preserve_format)
+
 def _bmm(A:Tensor, B_:Tensor)->Tensor:
-    """`torch.bmm`, image by image: BLAS kernels round differently with the batch size, so looping over slices of
-    one image makes a batch give bit-for-bit what each image gives alone (near-ties then break the same way)."""
-    if A.shape[0] == 1: return torch.bmm(A, B_)
-    return torch.cat([torch.bmm(A[b:b+1], B_[b:b+1]) for b in range(A.shape[0])])
+    """`torch.bmm`, image by image on aligned operands: BLAS kernels round differently with the batch size and the
+    alignment, so one image's product is computed the same way alone, in a batch, at any address (a batch then
+    gives bit-for-bit what each image gives alone, and near-ties break the same way)."""
+    out = [torch.bmm(_aligned(A[b:b+1]), _aligned(B_[b:b+1])) for b in range(A.shape[0])]
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 def _baddbmm(C:Tensor, A:Tensor, B_:Tensor, alpha:float)->Tensor:
-    "`torch.baddbmm(C, A, B_, alpha=alpha)`, image by image (see `_bmm`)."
-    if A.shape[0] == 1: return torch.baddbmm(C, A, B_, alpha=alpha)
+    "`torch.baddbmm(C, A, B_, alpha=alpha)`, image by image on aligned operands (see `_bmm`)."
     C = C.expand(A.shape[0], *C.shape[1:])
-    return torch.cat([torch.baddbmm(C[b:b+1], A[b:b+1], B_[b:b+1], alpha=alpha) for b in range(A.shape[0])])
+    out = [torch.baddbmm(C[b:b+1], _aligned(A[b:b+1]), _aligned(B_[b:b+1]), alpha=alpha) for b in range(A.shape[0])]
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+def _row_keys(X:Tensor)->Tensor:
+    """`[B,N]` keys of the rows of `X [B,N,D]`: a fixed random projection, as products summed over D a chunk of rows
+    at a time (torch's own reduction, the same for every row), so equal rows get bit-identical keys."""
+    B, N, D = X.shape
+    w = torch.randn(D, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(X.device, X.dtype)
+    out, rows = X.new_empty(B, N), max(1, min(N, (1 << 19) // D))
+    buf = X.new_empty(rows, D)
+    for b in range(B):
+        for s in range(0, N, rows):
+            e = min(N, s + rows)
+            torch.sum(torch.mul(X[b, s:e], w, out=buf[:e - s]), -1, out=out[b, s:e])
+    return out
+
+def _first_copies(X:Tensor, valid:Tensor)->Tensor|None:
+    """For every token of `X [B,N,D]`, the first valid token equal to it (itself when none is earlier), `[B,N]`;
+    None when no image has two equal valid tokens. Equal tokens are interchangeable, but BLAS rounds a token's dot
+    products by its place in a block of rows, so copies of one token get distances that differ in the last bits;
+    the selection loops copy every token's values from its first copy (`v.gather(-1, first)`) so that ties between
+    copies go to the earlier token. Candidates share a key (`_row_keys`); they are then compared element by element."""
+    B, N, _ = X.shape
+    keys, first = _row_keys(X), None
+    for b in range(B):
+        idx = valid[b].nonzero().squeeze(1)
+        kv, order = keys[b, idx].sort(stable=True)            # equal keys: in token order
+        start = torch.ones_like(kv, dtype=torch.bool); start[1:] = kv[1:] != kv[:-1]
+        if bool(start.all()): continue                         # all keys distinct: no copies in this image
+        head = order[start.nonzero().squeeze(1)][start.cumsum(0) - 1]   # the first token of each run of equal keys
+        dup = ~start
+        tok, hd = idx[order[dup]], idx[head[dup]]
+        same = (X[b, tok] == X[b, hd]).all(-1)
+        if not bool(same.any()): continue
+        if first is None: first = torch.arange(N, device=X.device).repeat(B, 1)
+        first[b, tok[same]] = hd[same]
+    return first
 
 def _sq_dists(X:Tensor, xn:Tensor, V:Tensor, vn:Tensor)->Tensor:
     "Squared Euclidean distances `[B,N,L]` between `X [B,N,D]` and `V [B,L,D]` given squared norms (matmul form)."
@@ -90,7 +132,8 @@ def _sketch(X:Tensor, m:int, g:torch.Generator)->Tensor:
     q = -(-D // m)
     s = torch.randint(0, 2, (q,), generator=g, device=X.device).to(X.dtype).mul_(2).sub_(1)
     if D % m: X = F.pad(X, (0, q * m - D))
-    return torch.cat([torch.matmul(s, X[b].reshape(N, q, m)) for b in range(B)]).view(B, N, m)   # per image: see `_bmm`
+    out = [torch.matmul(s, _aligned(X[b]).reshape(N, q, m)) for b in range(B)]   # per image, aligned: see `_bmm`
+    return (out[0] if B == 1 else torch.cat(out)).view(B, N, m)
 
 def _kmeanspp(X:Tensor, xn:Tensor, valid:Tensor, u:Tensor)->Tensor:
     "Greedy k-means++ seeding on `X [B,N,d]` (squared norms `xn`), uniforms `u [k,L]`: the chosen point indices `[B,k]`."
@@ -222,7 +265,7 @@ def kmeans(
 )->tuple:                     # (centres [.,k,D] in x.dtype, assign [.,N] LongTensor, -1 for padding)
     "Batched k-means (Lloyd, greedy k-means++ seeding), deterministic for a seed."
     xb, mb, single = _check_kmeans_args(x, k, iters, seed, mask, tol, n_trials, init_dim)
-    X = xb.to(_work_dtype(xb))
+    X = xb.to(_work_dtype(xb)).contiguous()   # one layout for every caller: BLAS rounds by layout too
     C, a, _ = _lloyd(X, _sq_norms(X), mb, k, iters, seed, tol, n_trials, init_dim)
     C = C.to(x.dtype)
     return (C[0], a[0]) if single else (C, a)
@@ -291,15 +334,17 @@ def nearest_to_centres(
     k = centres.shape[-2]
     nv = int(mb.sum(1).min())
     if k > nv: raise ValueError(f"`centres` holds k={k} centres but there are only {nv} valid tokens to give them")
-    X = xb.to(_work_dtype(xb))
-    C = (centres.unsqueeze(0) if single else centres).to(X.dtype)
+    X = xb.to(_work_dtype(xb)).contiguous()   # one layout for every caller: BLAS rounds by layout too
+    C = (centres.unsqueeze(0) if single else centres).to(X.dtype).contiguous()
     _sq_norms(C, 'centres')
-    out = _nearest_from(_assign(X, C, mb)[1], _sq_norms(X), mb)    # the same arithmetic as k-means' last step
+    out = _nearest_from(_assign(X, C, mb)[1], _sq_norms(X), mb, X)   # the same arithmetic as k-means' last step
     return out[0] if single else out
 
-def _nearest_from(d:Tensor, xn:Tensor, mb:Tensor)->Tensor:
-    "Distinct nearest valid token per centre from `d = |c|^2 - 2 c.x` `[B,k,N]` (overwritten)."
-    return _unique_nearest(d.add_(xn.unsqueeze(1)).clamp_min_(0).masked_fill_(~mb.unsqueeze(1), math.inf))
+def _nearest_from(d:Tensor, xn:Tensor, mb:Tensor, X:Tensor)->Tensor:
+    "Distinct nearest valid token per centre from `d = |c|^2 - 2 c.x` `[B,k,N]` (overwritten) for the tokens `X`."
+    d = d.add_(xn.unsqueeze(1)).clamp_min_(0).masked_fill_(~mb.unsqueeze(1), math.inf)
+    first = _first_copies(X, mb)                        # copies of a token: its first copy's distances (ties -> earlier)
+    return _unique_nearest(d if first is None else d.gather(2, first.unsqueeze(1).expand_as(d)))
 
 @torch.no_grad()
 def kmeans_nearest(
@@ -314,10 +359,10 @@ def kmeans_nearest(
 )->Tensor:                    # [k] or [B,k] LongTensor: a distinct valid token per cluster, in centre order
     "`nearest_to_centres(x, kmeans(x, k, ...)[0], mask)` in one go, reusing k-means' last distance matrix."
     xb, mb, single = _check_kmeans_args(x, k, iters, seed, mask, tol, n_trials, init_dim)
-    X = xb.to(_work_dtype(xb))
+    X = xb.to(_work_dtype(xb)).contiguous()   # one layout for every caller: BLAS rounds by layout too
     xn = _sq_norms(X)
     _, _, d = _lloyd(X, xn, mb, k, iters, seed, tol, n_trials, init_dim)
-    out = _nearest_from(d, xn, mb)
+    out = _nearest_from(d, xn, mb, X)
     return out[0] if single else out
 
 # %% ../nbs/02_diversity.ipynb #ff6325c4
@@ -359,15 +404,17 @@ def maxmin_select(
     if k > int(room.min()):
         raise ValueError(f"`k`={k} new tokens do not fit: {int(room.min())} valid tokens are left after `selected`"
                          f"{'' if single else ' in some image'}")
-    X = xb.to(_work_dtype(xb))
+    X = xb.to(_work_dtype(xb)).contiguous()   # one layout for every caller: BLAS rounds by layout too
     xn = _sq_norms(X)
     Xt = X.transpose(1, 2)
+    first = _first_copies(X, mb)                         # copies of a token take its first copy's values (ties -> earlier)
+    canon = (lambda v: v) if first is None else (lambda v: v.gather(-1, first.view(B, *[1] * (v.dim() - 2), N).expand_as(v)))
     if metric == "cosine":                               # 1 - cos, scaling the [B,m,N] dots (no normalised copy of x)
         inv = xn.sqrt().clamp_min_(1e-12).reciprocal_()  # zero vectors: cos 0 with everything
         def dist(V, idx):
-            return _bmm(V, Xt).mul_(inv.unsqueeze(1)).mul_(inv.gather(1, idx).unsqueeze(-1)).neg_().add_(1)
+            return canon(_bmm(V, Xt).mul_(inv.unsqueeze(1)).mul_(inv.gather(1, idx).unsqueeze(-1)).neg_().add_(1))
     else:
-        def dist(V, idx): return _sq_dists(V, xn.gather(1, idx), X, xn)                     # [B,m,N]
+        def dist(V, idx): return canon(_sq_dists(V, xn.gather(1, idx), X, xn))   # [B,m,N]
     md = None                                            # distance of every token to its nearest chosen one
     if sb is not None:
         dS = dist(_gather_rows(X, sb.clamp_min(0)), sb.clamp_min(0)).masked_fill_((sb < 0).unsqueeze(-1), math.inf)
@@ -377,11 +424,11 @@ def maxmin_select(
         if start == "mean":
             w = mb.to(X.dtype) * (inv if metric == "cosine" else 1 / mb.sum(1, keepdim=True).to(X.dtype))
             dots = _bmm(_bmm(w.unsqueeze(1), X), Xt).squeeze(1)   # x . mean (of unit vectors for cosine)
-            score = -dots * inv if metric == "cosine" else xn - 2 * dots     # same order as the distance to the mean
+            score = canon(-dots * inv if metric == "cosine" else xn - 2 * dots)   # same order as the distance to the mean
         else:
             dd = dist(X, torch.arange(N, device=X.device).expand(B, N))    # [B,N,N]
             dd.diagonal(dim1=1, dim2=2).fill_(math.inf)
-            score = dd.masked_fill_(~mb.unsqueeze(1), math.inf).amin(-1)   # distance to the nearest other token
+            score = canon(dd.masked_fill_(~mb.unsqueeze(1), math.inf).amin(-1))   # distance to the nearest other token
         md = score if md is None else torch.where(fresh.unsqueeze(1), score, md)
     banned = ~mb                                         # padding and chosen tokens: md = -inf, never picked again
     if sb is not None:                                   # (-1 entries go to a scratch column N)

@@ -14,7 +14,23 @@ from .core import check_tensor, check_mask
 __all__ = ['relevance_scores', 'cls_attention_scores', 'clip_similarity_scores', 'minmax_normalize', 'hybrid_scores',
            'check_alpha']
 
-# %% ../nbs/01_scoring.ipynb #995fc389
+# %% ../nbs/01_scoring.ipynb #7213ad67
+def _row_dots(x:Tensor, y:Tensor)->tuple:
+    """`(dots [B,N,M], norms [B,N])`: `dots[b,n,m] = sum_d x[b,n,d] * y[b,m,d]` and the L2 norms of `x`'s rows, for float
+    `x [B,N,D]` and `y [B,M,D]`. Products summed over the last dim, a chunk of rows at a time (read from memory once,
+    the product stays in cache): every dot product is one reduction of its own row, in the same order whatever the
+    batch, the row's position or its address."""
+    B, N, D = x.shape; M = y.shape[1]
+    out, nrm = x.new_empty(B, N, M), x.new_empty(B, N)
+    rows = max(1, min(N, (1 << 19 if x.device.type == 'cpu' else 1 << 26) // max(1, M * D)))
+    buf = x.new_empty(rows, M, D)
+    for b in range(B):
+        for s in range(0, N, rows):
+            e = min(N, s + rows)
+            torch.linalg.vector_norm(x[b, s:e], dim=-1, out=nrm[b, s:e])
+            torch.sum(torch.mul(x[b, s:e, None, :], y[b, None], out=buf[:e - s]), -1, out=out[b, s:e])
+    return out, nrm
+
 def relevance_scores(
     feats:Tensor,             # [N,D] or [B,N,D] visual tokens in LLM input space
     prompt:Tensor,            # [T,D] or [B,T,D] prompt token embeddings (same space)
@@ -27,24 +43,21 @@ def relevance_scores(
         raise ValueError(f"`prompt` {tuple(prompt.shape)} must match `feats` {tuple(feats.shape)} in batch size and D")
     check_mask(prompt_mask, 'prompt_mask', tuple(prompt.shape[:-1]))
     if reduce not in ('mean', 'max'): raise ValueError(f"`reduce` must be 'mean' or 'max', got {reduce!r}")
-    f = feats.float()
-    inv = 1.0 / torch.linalg.vector_norm(f, dim=-1).clamp_min(1e-12)  # [.,N]: no normalised copy of the features
-    fb, ib = (f, inv) if f.dim() == 3 else (f[None], inv[None])
+    f, pr = feats.float().contiguous(), prompt.float().contiguous()   # torch reduces a row by its memory layout too
+    single = f.dim() == 2
+    fb, pr = (f[None], pr[None]) if single else (f, pr)
+    pm = None if prompt_mask is None else prompt_mask[None] if single else prompt_mask
     if reduce == 'mean':
-        if prompt_mask is None: p = prompt.float().mean(-2)
-        else:
-            w = prompt_mask.float()
-            p = (prompt.float() * w[..., None]).sum(-2) / w.sum(-1, keepdim=True).clamp_min(1)
-        pb = F.normalize(p, dim=-1).reshape(fb.shape[0], -1)
-        # one matrix-vector product per image: batched kernels round differently from a single image's
-        out = torch.stack([fb[b] @ pb[b] for b in range(fb.shape[0])]) * ib
-        return out if f.dim() == 3 else out[0]
-    pn = F.normalize(prompt.float(), dim=-1)
-    pn = pn if pn.dim() == 3 else pn[None]
-    sims = torch.stack([fb[b] @ pn[b].T for b in range(fb.shape[0])]) * ib[..., None]   # [B,N,T]
-    sims = sims if f.dim() == 3 else sims[0]
-    if prompt_mask is not None: sims = sims.masked_fill(~prompt_mask[..., None, :], float('-inf'))
-    return sims.amax(-1)
+        # each image pools its own real prompt tokens: padding never enters the sum, so a batch pools as its images do
+        real = [pr[b] if pm is None else pr[b][pm[b]] for b in range(pr.shape[0])]
+        pn = F.normalize(torch.stack([p.sum(0) / max(1, p.shape[0]) for p in real]), dim=-1)[:, None]   # [B,1,D]
+    else: pn = F.normalize(pr, dim=-1)                                                              # [B,T,D]
+    dots, nrm = _row_dots(fb, pn)                          # no normalised copy of the features
+    sims = dots * (1.0 / nrm.clamp_min(1e-12))[..., None]  # [B,N,1] or [B,N,T]
+    if reduce == 'mean': return sims[0, :, 0] if single else sims[..., 0]
+    if pm is not None: sims = sims.masked_fill(~pm[:, None, :], float('-inf'))
+    sims = sims.amax(-1)
+    return sims[0] if single else sims
 
 # %% ../nbs/01_scoring.ipynb #096046e1
 def cls_attention_scores(
@@ -97,7 +110,10 @@ def clip_similarity_scores(
     if clip_text.shape[:-1] != clip_feats.shape[:-2] or clip_text.shape[-1] != clip_feats.shape[-1]:
         raise ValueError(f"`clip_text` {tuple(clip_text.shape)} must match `clip_feats` {tuple(clip_feats.shape)} in batch size and C")
     if sign not in (1, -1) or isinstance(sign, bool): raise ValueError(f"`sign` must be 1 or -1, got {sign!r}")
-    sim = (F.normalize(clip_feats.float(), dim=-1) * F.normalize(clip_text.float(), dim=-1)[..., None, :]).sum(-1)
+    # products summed over C, one reduction per token on contiguous rows: identical patches score identically, and an
+    # image scores the same alone and in a batch (see `relevance_scores`)
+    cf, ct = clip_feats.float().contiguous(), clip_text.float().contiguous()
+    sim = (F.normalize(cf, dim=-1) * F.normalize(ct, dim=-1)[..., None, :]).sum(-1)
     return sim if sign == 1 else -sim
 
 # %% ../nbs/01_scoring.ipynb #d9e46474
