@@ -217,7 +217,8 @@ def tiny_qwen2_5_vl(
     cfg = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=64, hidden_size=hidden, intermediate_size=2*hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                         bos_token_id=0, eos_token_id=2, pad_token_id=0),   # in-vocabulary; set from the tokenizer below
         vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2*vision_hidden,
                            num_heads=max(1, vision_hidden // 16), out_hidden_size=hidden, window_size=56,
                            fullatt_block_indexes=[b for b in range(vision_depth) if b % 4 == 3] or [vision_depth - 1],
@@ -229,9 +230,9 @@ def tiny_qwen2_5_vl(
     model.generation_config.pad_token_id = cfg.get_text_config().pad_token_id
     return model, proc
 
-def mid_qwen2_5_vl(seed:int=0, **overrides):
-    "Qwen2.5-VL token geometry at 672² px (576 merged visual tokens) with a small random LLM, for timing."
-    kw = dict(hidden=512, layers=4, vision_hidden=128, vision_depth=8, max_image_size=672)
+def mid_qwen2_5_vl(seed:int=0, text_hidden:int=512, **overrides):
+    "Qwen2.5-VL token geometry at 672² px (576 merged visual tokens) with a small random LLM (`text_hidden` wide), for timing."
+    kw = dict(hidden=text_hidden, layers=4, vision_hidden=128, vision_depth=8, max_image_size=672)
     kw.update(overrides)
     return tiny_qwen2_5_vl(seed, **kw)
 
