@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from tokprune_nb import TokenSet
-from tokprune_nb.policies import (ATP, ClsAttnPrune, DivPrune, DPPPrune, KMeansPrune, RandomPrune, RelevancePrune,
+from tokprune_nb.policies import (POLICIES, ATP, ClsAttnPrune, DivPrune, DPPPrune, KMeansPrune, RandomPrune, RelevancePrune,
                                   UniformPrune, ZSPAPrune, budget, grid_subsample)
 
 GRIDS = [(2, 3), (4, 4), (3, 5), (6, 6)]
@@ -401,3 +401,27 @@ def test_batch_equals_alone_bit_exactly(name):
 @pytest.mark.parametrize('name', list(POLICIES))
 def test_needs_is_documented(name):
     assert POLICIES[name].needs.__doc__, name   # the property's own docstring (getdoc would fall back to the base's)
+
+
+@pytest.mark.parametrize('name', sorted(POLICIES))
+def test_keep_everything_runs_no_selection(name, monkeypatch):
+    """A budget of every real token (keep=1.0, or an int count equal to N) returns all indices without `_select`."""
+    cls = POLICIES[name]
+    def boom(self, ts, k): raise AssertionError(f"{name}: _select ran for a budget of every token")
+    monkeypatch.setattr(cls, '_select', boom)
+    ts = make_ts(2, (4, 4), seed=1)
+    assert torch.equal(cls(1.0)(ts), torch.arange(16).repeat(2, 1))
+    assert torch.equal(cls(1.0)(ts.split()[0]), torch.arange(16))
+    assert torch.equal(cls(16)(ts.split()[1]), torch.arange(16))
+    a, b = make_ts(1, (2, 3), seed=2, batched=False), make_ts(1, (4, 4), seed=3, batched=False)
+    out = cls(1.0)(TokenSet.stack([a, b]))                       # padded batch: -1 at the end of the short row
+    assert torch.equal(out, torch.tensor([list(range(6)) + [-1] * 10, list(range(16))]))
+
+
+@pytest.mark.parametrize('name', sorted(POLICIES))
+def test_keep_everything_same_as_selection(name):
+    """The shortcut returns what a full selection returned: every index, sorted."""
+    ts = make_ts(2, (3, 5), seed=4)
+    pol = POLICIES[name](1.0)
+    full = pol._select(ts, ts.n_tokens).sort(-1).values
+    assert torch.equal(pol(ts), full)

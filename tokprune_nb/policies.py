@@ -86,6 +86,16 @@ def _param_names(cls)->tuple:
         cls._param_names_ = tuple(p.name for p in ps)
     return cls._param_names_
 
+def _every_token(bt:TokenSet, k:int, batched:bool)->Tensor:
+    "What a policy returns when the budget is every real token: all indices, sorted (padding -1 at the row ends)."
+    ar = torch.arange(bt.n_tokens, device=bt.device)
+    if bt.mask is None: out = ar.repeat(bt.batch_size, 1)
+    else:
+        big = torch.iinfo(torch.long).max
+        out = torch.where(bt.mask, ar, big).sort(-1).values[:, :k]
+        out = torch.where(out == big, -1, out)
+    return out if batched else out[0]
+
 class Policy:
     "Base class: `policy(tokenset)` -> sorted kept indices (`[k]` for one image, `[B,k]` for a batch)."
     name = 'policy'
@@ -124,9 +134,12 @@ class Policy:
                 raise ValueError(f"{type(self).__name__} needs `{name}` in the TokenSet, but it is missing "
                                  f"(needs: {', '.join(sorted(self.needs))})")
         bt = ts.unsqueeze()
-        counts = bt.valid_counts().tolist()
+        N = bt.n_tokens
+        # token counts from the shape when there is no mask; a padded batch pays one host sync here, once per call
+        counts = [N] * bt.batch_size if bt.mask is None else bt.valid_counts().tolist()
         ks = [self.budget(n) for n in counts]
-        if all(n == bt.n_tokens for n in counts):
+        if all(k == n for k, n in zip(ks, counts)): return _every_token(bt, max(ks), ts.batched)   # nothing to choose
+        if all(n == N for n in counts):
             out = self._select(bt if bt.mask is None else TokenSet.trusted(**{**bt.__dict__, 'mask': None}), ks[0])
         else:
             out = torch.full((bt.batch_size, max(ks)), -1, dtype=torch.long, device=bt.device)
