@@ -279,6 +279,12 @@ class Adapter:
         "Per-token tensors `[B,L,...]` to shorten with the rows (e.g. M-RoPE ids); default none (1-D positions)."
         return {}
 
+    def encoder_output(self, imgs:list, slots:list):
+        """What the model receives as `mm_encoder_outputs["image"]`: each image's features at its kept `slots`
+        (`pooler_output`, one `[k_i,D]` per image). A family whose model reads more per image (Qwen3-VL's DeepStack
+        levels) gathers that too, with the same slots."""
+        return BaseModelOutputWithPooling(pooler_output=[im.packed[s] for im, s in zip(imgs, slots)])
+
     def finish(self, kwargs:dict, short:dict, ids:Tensor, am:Tensor, keep:Tensor, for_generate:bool)->list:
         "Last touches on the LLM call's `kwargs` from the shortened per-token tensors `short`; returns contexts."
         return []
@@ -318,10 +324,10 @@ class Adapter:
         selection = run_policy(policy, tss)
         keep = ~is_img
         place = [torch.nonzero(ids[b] == img_id).flatten() for b in range(ids.shape[0])]
-        offset = [0] * ids.shape[0]; feats = []
+        offset = [0] * ids.shape[0]; kept_slots = []
         for im, kept, r in zip(imgs, selection, rows):
             slots = self.kept_slots(im, kept.to(im.packed.device))
-            feats.append(im.packed[slots])
+            kept_slots.append(slots)
             keep[r, place[r][offset[r] + slots.to(ids.device)]] = True
             offset[r] += im.packed.shape[0]
         extras = {k: inputs[k] for k in PER_TOKEN_FILL
@@ -333,7 +339,7 @@ class Adapter:
         kwargs.update({k: v for k, v in short.items() if k in inputs})
         kwargs["input_ids"] = new_ids
         if new_am is not None or "attention_mask" in kwargs: kwargs["attention_mask"] = new_am
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
+        kwargs["mm_encoder_outputs"] = {"image": self.encoder_output(imgs, kept_slots)}
         contexts = self.finish(kwargs, short, ids, am, keep, for_generate)
         return Prepared(kwargs=kwargs, selection=selection, orig_input_ids=ids, short_len=new_ids.shape[1],
                         contexts=contexts, position_map=pmap)
