@@ -10,7 +10,9 @@ from ..core import TokenSet
 from ..policies import POLICIES
 
 # %% auto #0
-__all__ = ['synthetic_tokenset', 'time_policy', 'selection_benchmark', 'main']
+__all__ = ['LAUNCH_US', 'SYNC_US', 'H200_PEAK_BF16', 'H200_PEAK_FP32', 'PEAK_FRACTION', 'COST_ARCHS', 'SYNC_OPS',
+           'synthetic_tokenset', 'time_policy', 'selection_benchmark', 'count_launches_syncs', 'count_flops',
+           'prefill_ms', 'est_gpu_ms', 'cost_model', 'main']
 
 # %% ../../nbs/measure/selection_speed.ipynb #54d3d07b
 def synthetic_tokenset(
@@ -77,7 +79,98 @@ def selection_benchmark(
                          ms_per_call=round(ms, 3), ms_per_image=round(ms / b, 3)))
     return pd.DataFrame(rows)
 
-# %% ../../nbs/measure/selection_speed.ipynb #fe282f1d
+# %% ../../nbs/measure/selection_speed.ipynb #8c195429
+LAUNCH_US = 6.0          # µs per eager kernel launch on an H100/H200 (host-bound small ops)
+SYNC_US = 20.0           # µs per host sync (drain + device-to-host copy + lost launch-ahead)
+H200_PEAK_BF16 = 989e12  # FLOP/s, dense bf16 tensor cores (H200 SXM): the 7B prefill
+H200_PEAK_FP32 = 67e12   # FLOP/s, fp32 without tensor cores: the selection's float32 arithmetic
+PEAK_FRACTION = 0.5      # share of peak reached, for both
+COST_ARCHS = ('llava-1.5-7b', 'llava-next-7b', 'qwen2.5-vl-7b')   # N = 576, 2880, 576 (Qwen2.5-VL at 672²)
+
+# ops that only build metadata: no kernel on a GPU
+_META = frozenset(f'aten::{o}' for o in (
+    'view view_as _unsafe_view _reshape_alias expand expand_as transpose t permute unsqueeze squeeze select slice '
+    'as_strided alias detach empty empty_like empty_strided new_empty unbind split chunk narrow diagonal lift_fresh '
+    'resolve_conj resolve_neg numpy_T mT result_type is_nonzero item _local_scalar_dense size stride').split())
+_MAYBE_COPY = frozenset(f'aten::{o}' for o in 'to contiguous reshape flatten type_as _to_copy'.split())
+SYNC_OPS = frozenset(f'aten::{o}' for o in '_local_scalar_dense nonzero masked_select _unique2 unique_dim unique_consecutive'.split())
+
+# %% ../../nbs/measure/selection_speed.ipynb #83a83cf1
+def _descendants(ev):
+    for c in ev.cpu_children: yield c; yield from _descendants(c)
+
+def _has_aten_parent(ev)->bool:
+    p = ev.cpu_parent
+    while p is not None:
+        if p.name.startswith('aten::'): return True
+        p = p.cpu_parent
+    return False
+
+def count_launches_syncs(fn, *args)->tuple:
+    "(launches, syncs) of one call `fn(*args)`, counted with `torch.profiler` on the CPU (see above)."
+    from torch.profiler import profile, ProfilerActivity
+    n_tolist, orig = [0], torch.Tensor.tolist
+    def tolist(self, *a, **kw): n_tolist[0] += 1; return orig(self, *a, **kw)
+    torch.Tensor.tolist = tolist
+    try:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof: fn(*args)
+    finally: torch.Tensor.tolist = orig
+    evs = [e for e in prof.events() if e.name.startswith('aten::')]
+    launches = 0
+    for e in evs:
+        if _has_aten_parent(e) or e.name in _META: continue
+        if e.name in _MAYBE_COPY and not any(d.name == 'aten::copy_' for d in _descendants(e)): continue
+        launches += 1
+    syncs = sum(1 for e in evs if e.name in SYNC_OPS and not (e.cpu_parent is not None and e.cpu_parent.name in SYNC_OPS))
+    return launches, syncs + n_tolist[0]
+
+def count_flops(fn, *args)->int:
+    "Floating-point operations (2 per multiply-add) of the matmul-family ops of `fn(*args)`."
+    from tokprune_nb.measure.flops import torch_flop_counter
+    with torch.no_grad(), torch_flop_counter() as fc: fn(*args)
+    return int(fc.get_total_flops())
+
+# %% ../../nbs/measure/selection_speed.ipynb #c6fe7d2a
+def _cost_policies()->dict:
+    "name -> constructor(keep): every registered policy, plus ZSPAPrune's max-min variant."
+    out = {n: POLICIES[n] for n in POLICIES}
+    out['zspaprune-maxmin'] = lambda keep: POLICIES['zspaprune'](keep, diversity='maxmin')
+    return out
+
+def prefill_ms(arch:str)->float:
+    "Estimated milliseconds of `arch`'s unpruned prefill on an H200 (formula FLOPs at `PEAK_FRACTION` of bf16 peak)."
+    from tokprune_nb.measure.flops import ARCH_CONFIGS, analytic_prefill_flops, reference_seq_len
+    macs = analytic_prefill_flops(ARCH_CONFIGS[arch](), reference_seq_len(arch, 1.0)[1], lm_head_tokens=1)
+    return 2 * macs / (PEAK_FRACTION * H200_PEAK_BF16) * 1e3
+
+def est_gpu_ms(launches:int, syncs:int, flops:int)->float:
+    "The cost model: launches and syncs at their per-event cost plus fp32 FLOPs at `PEAK_FRACTION` of peak, in ms."
+    return (launches * LAUNCH_US + syncs * SYNC_US) / 1e3 + flops / (PEAK_FRACTION * H200_PEAK_FP32) * 1e3
+
+def cost_model(archs=COST_ARCHS, keeps=(1.0, 0.25, 0.111), policies=None, progress:bool=True)->list:
+    "One record per (arch, policy, keep): launches, syncs, flops, est_gpu_ms and gpu_share of the unpruned 7B prefill."
+    from tokprune_nb.measure.flops import ARCH_CONFIGS, REFERENCE_TOKENS, text_config
+    from tqdm.auto import tqdm
+    pols = _cost_policies()
+    names = list(pols) if policies is None else list(policies)
+    bad = [n for n in names if n not in pols]
+    if bad: raise ValueError(f"`policies` has unknown names {bad}; choose from {sorted(pols)}")
+    rows = []
+    for arch in archs:
+        n, D = REFERENCE_TOKENS[arch][0], text_config(ARCH_CONFIGS[arch]()).hidden_size
+        ts, pre = synthetic_tokenset(n, D), prefill_ms(arch)
+        for name in tqdm(names, desc=arch, disable=not progress):
+            for keep in keeps:
+                pol = pols[name](keep)
+                flops = count_flops(pol, ts)                 # also the warm-up call
+                launches, syncs = count_launches_syncs(pol, ts)
+                ms = est_gpu_ms(launches, syncs, flops)
+                rows.append(dict(arch=arch, policy=name, keep=keep, n_tokens=n, dim=D, kept=pol.budget(n),
+                                 launches=launches, syncs=syncs, flops=flops, est_gpu_ms=round(ms, 4),
+                                 prefill_ms=round(pre, 3), gpu_share=round(ms / pre, 5), mode='eager'))
+    return rows
+
+# %% ../../nbs/measure/selection_speed.ipynb #2c107cd4
 def _floats(s): return tuple(float(x) for x in s.split(','))
 def _ints(s): return tuple(int(x) for x in s.split(','))
 
@@ -86,7 +179,12 @@ def main(argv:list=None)->int:
     p = argparse.ArgumentParser(prog='tokprune bench-select', description='Time the selection policies alone on synthetic tokens shaped like LLaVA-1.5 (576) and LLaVA-NeXT (2880).')
     p.add_argument('--n-tokens', type=_ints, default=(576, 2880), help='comma-separated token counts (default 576,2880)')
     p.add_argument('--dim', type=int, default=4096, help='feature dim (default 4096)')
-    p.add_argument('--keep', type=_floats, default=(0.1, 0.25, 0.5), help='comma-separated keep fractions')
+    p.add_argument('--keep', type=_floats, default=None, help='comma-separated keep fractions (default 0.1,0.25,0.5; '
+                   'with --cost-model 1,0.25,0.111)')
+    p.add_argument('--cost-model', action='store_true', help='count launches, syncs and FLOPs per selection and estimate '
+                   'the H200 time as a share of the 7B prefill (one record per arch, policy, keep)')
+    p.add_argument('--archs', type=lambda s: tuple(s.split(',')), default=COST_ARCHS,
+                   help=f'published 7B geometries for --cost-model (default {",".join(COST_ARCHS)})')
     p.add_argument('--batch', type=_ints, default=(1, 8), help='comma-separated batch sizes')
     p.add_argument('--policies', type=lambda s: s.split(','), default=None, help=f'comma-separated, from {",".join(POLICIES)}')
     p.add_argument('--repeats', type=int, default=10); p.add_argument('--warmup', type=int, default=2)
@@ -94,12 +192,21 @@ def main(argv:list=None)->int:
     p.add_argument('--json', default=None, help='write {"machine", "records"} here')
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
-    df = selection_benchmark(a.n_tokens, a.dim, a.keep, a.batch, a.policies, a.repeats, a.warmup, a.device)
-    print(df.pivot_table(index=['policy', 'keep'], columns=['n_tokens', 'batch'], values='ms_per_image').round(2).to_string())
+    machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                   torch_threads=torch.get_num_threads(), device=a.device, torch=torch.__version__,
+                   gpu=torch.cuda.get_device_name() if torch.device(a.device).type == 'cuda' else None)
+    if a.cost_model:
+        import pandas as pd
+        recs = cost_model(a.archs, a.keep or (1.0, 0.25, 0.111), a.policies)
+        df = pd.DataFrame(recs)
+        print(df.pivot_table(index=['policy', 'keep'], columns='arch', values=['launches', 'syncs', 'gpu_share'],
+                             sort=False).to_string())
+        machine.update(counted_on=machine['processor'], launch_us=LAUNCH_US, sync_us=SYNC_US,
+                       peak_fraction=PEAK_FRACTION, h200_peak_bf16=H200_PEAK_BF16, h200_peak_fp32=H200_PEAK_FP32)
+    else:
+        df = selection_benchmark(a.n_tokens, a.dim, a.keep or (0.1, 0.25, 0.5), a.batch, a.policies, a.repeats, a.warmup, a.device)
+        print(df.pivot_table(index=['policy', 'keep'], columns=['n_tokens', 'batch'], values='ms_per_image').round(2).to_string())
     if a.json:
-        machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                       torch_threads=torch.get_num_threads(), device=a.device, torch=torch.__version__,
-                       gpu=torch.cuda.get_device_name() if torch.device(a.device).type == 'cuda' else None)
         with open(a.json, 'w') as f: json.dump({'machine': machine, 'records': df.to_dict('records')}, f, indent=1)
         print(f'wrote {a.json}')
     return 0
