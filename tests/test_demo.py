@@ -5,6 +5,7 @@ import pytest
 
 from tokprune_nb import POLICIES
 from tokprune_nb.apps import demo
+from tokprune_nb.toyworld import ORACLES
 
 
 def test_demo_end_to_end(tmp_path, capsys):
@@ -15,8 +16,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     out = json.loads(js.read_text())
     assert out["seed"] == 3 and out["n"] == 7
     recs = out["records"]
-    assert len(recs) == 2 * len(POLICIES)
-    assert {r["policy"] for r in recs} == set(POLICIES)
+    assert len(recs) == 2 * (len(POLICIES) + len(ORACLES))
+    assert {r["policy"] for r in recs} == set(POLICIES) | set(ORACLES)
     for r in recs:
         for k in ("policy", "keep", "accuracy", "accuracy_by_family", "kept_tokens", "llm_flops", "latency_ms"):
             assert k in r, k

@@ -10,7 +10,7 @@ import torch
 from .. import POLICIES
 from ..policies import budget
 from ..inject import pruned, last_selection
-from ..toyworld import (Toy, load_toy, make_examples, predict, accuracy_table, render, N_PATCHES,
+from ..toyworld import (Toy, load_toy, OraclePrune, ORACLES, make_examples, predict, accuracy_table, render, N_PATCHES,
                                   QUESTION_TYPES, git_commit, FAMILIES as QUESTION_FAMILIES)
 
 # %% auto #0
@@ -23,10 +23,11 @@ def llm_prefill_flops(config, n_tokens:int)->int:
     from tokprune_nb.measure.flops import analytic_prefill_flops
     return int(analytic_prefill_flops(config, n_tokens, lm_head_tokens=1))
 
-# %% ../../nbs/apps/demo.ipynb #64ff4036
+# %% ../../nbs/apps/demo.ipynb #5fb3e9c9
 def make_policy(name:str, keep, seed:int=0, **kw):
-    "The policy `name` of `tokprune_nb.POLICIES` at budget `keep` (seeded where it has a seed)."
-    if name not in POLICIES: raise ValueError(f"`name` must be one of {', '.join(POLICIES)}, got {name!r}")
+    "The policy `name` of `tokprune_nb.POLICIES` (or a toy-world oracle, see `ORACLES`) at budget `keep`, seeded where it has a seed."
+    if name in ORACLES: return OraclePrune(keep, share=ORACLES[name], seed=seed, **kw)
+    if name not in POLICIES: raise ValueError(f"`name` must be one of {', '.join([*POLICIES, *ORACLES])}, got {name!r}")
     cls = POLICIES[name]
     import inspect
     if "seed" in inspect.signature(cls.__init__).parameters: kw.setdefault("seed", seed)
@@ -45,11 +46,12 @@ def evaluate(
     for i in range(0, len(examples), batch_size):
         ex = examples[i:i + batch_size]
         if hasattr(policy, "seed") and policy.name == "random": policy.seed = policy.seed + 1   # a fresh subset per batch
+        pol = policy.bind([e.scene for e in ex]) if isinstance(policy, OraclePrune) else policy   # oracles see the truth
         t0 = time.perf_counter()
         if policy is None:
             p = predict(model, proc, ex, batch_size=len(ex)); k = [N_PATCHES] * len(ex)
         else:
-            with pruned(model, policy, clip=toy.clip, clip_tokenizer=toy.clip_tokenizer, tokenizer=toy.tokenizer):
+            with pruned(model, pol, clip=toy.clip, clip_tokenizer=toy.clip_tokenizer, tokenizer=toy.tokenizer):
                 p = predict(model, proc, ex, batch_size=len(ex))
             k = [int(s.numel()) for s in last_selection(model)]
         secs += time.perf_counter() - t0
@@ -71,7 +73,7 @@ def run_demo(
     n:int=DEFAULT_N,        # held-out test scenes (one question each, the 7 types in turn)
     seed:int=0,             # picks the scenes (and seeds random/k-means policies)
     keeps=KEEPS,            # budgets (fractions of the 144 visual tokens, or int counts)
-    policies=None,          # policy names (default: all of `tokprune_nb.POLICIES`)
+    policies=None,          # policy names (default: all of `tokprune_nb.POLICIES` plus the oracles of `ORACLES`)
     batch_size:int=35,      # scenes per `generate` call
     progress:bool=True,     # tqdm progress bar
 )->list:                    # one record per (policy, keep)
@@ -79,9 +81,10 @@ def run_demo(
     from tqdm.auto import tqdm
     if not isinstance(n, int) or n < 1: raise ValueError(f"`n` must be a positive int, got {n!r}")
     toy = toy or load_toy()
-    names = list(policies or POLICIES)
+    names = list(policies or [*POLICIES, *ORACLES])
     for p in names:
-        if p not in POLICIES: raise ValueError(f"`policies`: unknown policy {p!r}; known: {', '.join(POLICIES)}")
+        if p not in POLICIES and p not in ORACLES:
+            raise ValueError(f"`policies`: unknown policy {p!r}; known: {', '.join([*POLICIES, *ORACLES])}")
     examples = make_examples("test", n, seed=seed)
     torch.manual_seed(seed)
     records = []
@@ -130,7 +133,7 @@ def main(argv=None)->int:
     p.add_argument("--n", type=int, default=DEFAULT_N, help=f"held-out scenes (default {DEFAULT_N}, ~3-4 min on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0, help="picks the scenes and seeds random / k-means policies")
     p.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS), help="budgets, fractions in (0,1]")
-    p.add_argument("--policies", nargs="+", default=None, help=f"subset of: {' '.join(POLICIES)}")
+    p.add_argument("--policies", nargs="+", default=None, help=f"subset of: {' '.join([*POLICIES, *ORACLES])}")
     p.add_argument("--batch-size", type=int, default=35, help="scenes per generate call")
     p.add_argument("--model", default=None, help="toy model directory (default: the shipped one)")
     p.add_argument("--json", default=None, help="write {seed, n, records} to this path")

@@ -10,7 +10,7 @@ from .data import QUESTION_TYPES, render
 from .models import WORDS, pixel_values, lm_inputs, _tower_tokens, _lm_hidden
 
 # %% auto #0
-__all__ = ['predict', 'accuracy_table', 'val_accuracy']
+__all__ = ['ORACLES', 'predict', 'accuracy_table', 'val_accuracy', 'OraclePrune']
 
 # %% ../../nbs/toyworld/evaluate.ipynb #4bd8ee7d
 def predict(
@@ -55,3 +55,50 @@ def val_accuracy(llava, examples:list, batch:int=64)->dict:
     out = {t: float(np.mean(v)) for t, v in hits.items() if v}
     out["all"] = float(np.mean([x for v in hits.values() for x in v]))
     return out
+
+# %% ../../nbs/toyworld/evaluate.ipynb #f6c794cb
+import math
+from .data import patch_targets
+from ..policies import check_keep, budget as _budget
+
+ORACLES = {"oracle": 1.0, "oracle-half": 0.5}   # demo names -> share of the evidence patches kept
+
+class OraclePrune:
+    "Toy-world reference: keep the digit patches (all, or a `share`) and fill the budget with random background."
+    needs = frozenset()
+    def __init__(self, keep, share:float=1.0, seed:int=0, scenes:list=None):
+        self.keep = check_keep(keep)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(f"`share` must be a number in (0, 1], got {share!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0: raise ValueError(f"`seed` must be an int >= 0, got {seed!r}")
+        self.share, self.seed, self.scenes = float(share), seed, scenes
+    @property
+    def name(self)->str: return next((k for k, v in ORACLES.items() if v == self.share), f"oracle-{self.share:g}")
+    def __repr__(self): return f"OraclePrune(keep={self.keep!r}, share={self.share!r}, seed={self.seed!r})"
+    def budget(self, n:int)->int:
+        "Tokens kept from an image with `n` visual tokens."
+        return _budget(self.keep, n)
+    def bind(self, scenes:list)->"OraclePrune":
+        "The same oracle, knowing the `scenes` of the images it will be called on (in order)."
+        return OraclePrune(self.keep, self.share, self.seed, list(scenes))
+
+    def __call__(self, ts)->torch.Tensor:
+        if self.scenes is None: raise ValueError("`scenes`: the oracle needs the scenes it prunes; call `bind(scenes)` first")
+        bt = ts.unsqueeze()
+        if bt.batch_size != len(self.scenes):
+            raise ValueError(f"`scenes`: bound to {len(self.scenes)} scenes but called on {bt.batch_size} images")
+        N = bt.n_tokens; k = self.budget(N)
+        g = torch.Generator().manual_seed(self.seed)
+        out = []
+        for scene in self.scenes:
+            is_ev = torch.from_numpy(patch_targets(scene)["digit"] != 10)
+            if is_ev.numel() != N: raise ValueError(f"`ts`: {N} tokens, but a toy scene has {is_ev.numel()} patches")
+            ev, bg = torch.nonzero(is_ev).flatten(), torch.nonzero(~is_ev).flatten()
+            n_ev = min(k, math.ceil(self.share * ev.numel()))
+            perm = ev[torch.randperm(ev.numel(), generator=g)]
+            chosen, rest = perm[:n_ev], perm[n_ev:]
+            # background first; only when the background runs out do the unchosen digit patches fill the budget
+            fill = torch.cat([bg[torch.randperm(bg.numel(), generator=g)], rest])[:k - n_ev]
+            out.append(torch.cat([chosen, fill]).sort().values)
+        res = torch.stack(out).to(bt.device)
+        return res if ts.batched else res[0]
