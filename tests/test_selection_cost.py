@@ -41,3 +41,32 @@ def test_cli_cost_model_json(tmp_path):
     assert set(data) == {'machine', 'records'} and len(data['records']) == 2
     assert all(FIELDS <= set(r) for r in data['records']) and 'launch_us' in data['machine']
     assert {r['arch'] for r in data['records']} == {'qwen2.5-vl-7b'} and set(COST_ARCHS) >= {'qwen2.5-vl-7b'}
+
+
+SYNC_FREE = ['divprune', 'dpp', 'zspaprune-maxmin', 'relevance', 'cls_attn', 'random', 'uniform']
+
+
+@pytest.mark.parametrize('name', SYNC_FREE)
+def test_sync_free_path_has_no_host_syncs(name):
+    """On the path a GPU runs (`gpu_path()`), the greedy max-min and DPP loops and the top-k policies never sync."""
+    from tokprune_nb.diversity import gpu_path
+    from tokprune_nb.measure.selection_speed import _cost_policies
+    ts = synthetic_tokenset(64, 32, n_clusters=4)
+    pol = _cost_policies()[name](0.25)
+    with gpu_path(): assert count_launches_syncs(pol, ts)[1] == 0
+
+
+@pytest.mark.parametrize('name', sorted(POLICIES) + ['zspaprune-maxmin'])
+def test_sync_free_path_selects_the_same_tokens(name):
+    """`gpu_path()` (fixed iteration count, dense copy map, no 0-d indexing) changes no selected index."""
+    from tokprune_nb.diversity import gpu_path
+    from tokprune_nb.measure.selection_speed import _cost_policies
+    from tokprune_nb import TokenSet
+    ts = synthetic_tokenset(100, 48, batch=2, n_clusters=6, seed=3)
+    f = ts.feats.clone(); f[:, 7] = f[:, 3]; f[:, 40] = f[:, 3]          # copies: ties go to the earlier token
+    ts = TokenSet(f, grid=ts.grid, saliency=ts.saliency, prompt=ts.prompt, clip_feats=ts.clip_feats, clip_text=ts.clip_text)
+    for keep in (0.111, 0.25, 0.5):
+        pol = _cost_policies()[name](keep)
+        with gpu_path(False): cpu = pol(ts)
+        with gpu_path(): gpu = pol(ts)
+        assert torch.equal(cpu, gpu), (name, keep)

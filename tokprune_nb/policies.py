@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from .core import TokenSet
-from .scoring import relevance_scores, clip_similarity_scores, hybrid_scores, minmax_normalize, check_alpha
-from .diversity import kmeans_nearest, maxmin_select, _first_copies
+from .scoring import relevance_scores, clip_similarity_scores, hybrid_scores, minmax_normalize, check_alpha, _relevance, _minmax
+from .diversity import kmeans_nearest, maxmin_select, _first_copies, _first_copies_dense, _kmeans_nearest, _maxmin, sync_free
 
 # %% auto #0
 __all__ = ['POLICIES', 'check_keep', 'budget', 'Policy', 'topk_indices', 'RandomPrune', 'grid_subsample', 'video_subsample',
@@ -230,7 +230,7 @@ class RelevancePrune(Policy):
         super().__init__(keep); self.reduce = _check_choice(reduce, 'reduce', ('mean', 'max'))
     @property
     def needs(self)->frozenset: "TokenSet fields this policy requires: `prompt`."; return frozenset({'prompt'})
-    def _select(self, ts, k): return topk_indices(relevance_scores(ts.feats, ts.prompt, ts.prompt_mask, self.reduce), k)
+    def _select(self, ts, k): return topk_indices(_relevance(ts.feats, ts.prompt, ts.prompt_mask, self.reduce), k)
 
 def _check_layer(layer)->int: return _check_int(layer, 'saliency_layer', what=' (a vision layer index, -1 = the last)')
 
@@ -248,14 +248,15 @@ class KMeansPrune(Policy):
         self.seed, self.iters, self.normalize = _check_seed(seed), _check_iters(iters), _check_bool(normalize, 'normalize')
         self.n_trials = _check_trials(n_trials)
     def _select(self, ts, k):
-        return kmeans_nearest(_unit(ts.feats, self.normalize), k, iters=self.iters, seed=self.seed, n_trials=self.n_trials)
+        return _kmeans_nearest(_unit(ts.feats, self.normalize), k, iters=self.iters, seed=self.seed, n_trials=self.n_trials,
+                               check=False)   # a validated TokenSet: no argument checks, no host sync
 
 class DivPrune(Policy):
     "Greedy max-min diversity selection (DivPrune)."
     name = 'divprune'
     def __init__(self, keep, metric:str='cosine'):
         super().__init__(keep); self.metric = _check_choice(metric, 'metric', ('cosine', 'euclidean'))
-    def _select(self, ts, k): return maxmin_select(ts.feats.float(), k, metric=self.metric)
+    def _select(self, ts, k): return _maxmin(ts.feats.float(), k, metric=self.metric, check=False)
 
 def _check_iters(iters)->int: return _check_int(iters, 'iters', 1)
 
@@ -273,25 +274,26 @@ def _dpp_one(feats:Tensor, quality:Tensor, k:int, eps:float)->Tensor:
     "`dpp_greedy_map` for one image: `feats [N,D]`, `quality [N]` -> `[k]`."
     f = F.normalize(feats.float().contiguous(), dim=-1)   # a fresh (aligned) copy: the same BLAS path alone and in a batch
     N = f.shape[0]
-    first = _first_copies(f[None], torch.ones(1, N, dtype=torch.bool, device=f.device))
+    ones = torch.ones(1, N, dtype=torch.bool, device=f.device)
+    first = _first_copies_dense(f[None], ones) if sync_free(f.device) else _first_copies(f[None], ones)
     q = quality.float()
     c = f.new_zeros(k, N)                        # rows of the incremental Cholesky factor
     d2 = q * q                                   # residual variances, initially diag(L) (S_ii = 1)
     fallback = q / (q.amax() + 1) - 1            # in (-1, 0): ranks rank-exhausted tokens by quality
     taken = torch.zeros(N, dtype=torch.bool, device=f.device)
-    out = torch.empty(k, dtype=torch.long, device=f.device)
-    for j in range(k):
+    out = []
+    for j in range(k):                           # a 1-element index tensor, never a 0-d one: no host sync
         score = torch.where(taken, float('-inf'), torch.where(d2 > eps, d2, fallback))
-        i = score.argmax()                       # the first maximum: ties go to the earlier token
-        out[j] = i; taken[i] = True
-        di = d2[i]
-        row = q[i] * (f @ f[i]) * q              # L[i, :]
-        if j: row = row - c[:j, i] @ c[:j]
+        i = score.argmax().view(1)               # the first maximum: ties go to the earlier token
+        out.append(i); taken.index_fill_(0, i, True)
+        di = d2.index_select(0, i).squeeze(0)
+        row = q.index_select(0, i) * (f @ f.index_select(0, i).squeeze(0)) * q   # L[i, :]
+        if j: row = row - c[:j].index_select(1, i).squeeze(1) @ c[:j]
         if first is not None: row = row[first[0]]   # copies of a token: its first copy's row
         e = torch.where(di > eps, row / di.clamp_min(eps).sqrt(), torch.zeros_like(row))
         c[j] = e
         d2 = d2 - e * e
-    return out
+    return torch.cat(out)
 
 class DPPPrune(Policy):
     "Conditional DPP (CDPruner-style): diverse tokens, weighted towards prompt relevance."
@@ -308,7 +310,7 @@ class DPPPrune(Policy):
         return frozenset({'prompt'}) if self.theta > 0 else frozenset()
     def _select(self, ts, k):
         if self.theta > 0:
-            rel = minmax_normalize(relevance_scores(ts.feats, ts.prompt, ts.prompt_mask, self.reduce))
+            rel = _minmax(_relevance(ts.feats, ts.prompt, ts.prompt_mask, self.reduce))
             q = torch.exp(self.theta * rel)
         else: q = ts.feats.new_ones(ts.feats.shape[:-1], dtype=torch.float32)
         return dpp_greedy_map(ts.feats, q, k)   # image by image (see above)
@@ -344,18 +346,18 @@ class ZSPAPrune(Policy):
     def _select(self, ts, k):
         n_core, n_div = self.split(k)
         B, N = ts.batch_size, ts.n_tokens
-        core = (topk_indices(relevance_scores(ts.feats, ts.prompt, ts.prompt_mask, self.reduce), n_core) if n_core
+        core = (topk_indices(_relevance(ts.feats, ts.prompt, ts.prompt_mask, self.reduce), n_core) if n_core
                 else torch.empty(B, 0, dtype=torch.long, device=ts.device))
         if n_div == 0: return core
         if self.diversity == 'maxmin':
-            div = maxmin_select(ts.feats.float(), n_div, selected=core if n_core else None, metric='cosine')
+            div = _maxmin(ts.feats.float(), n_div, core if n_core else None, metric='cosine', fresh=not n_core, check=False)
         else:
             x = _unit(ts.feats, self.normalize)
             rest = None
             if n_core:
                 rest = torch.ones(B, N, dtype=torch.bool, device=ts.device)
                 rest[torch.arange(B, device=ts.device)[:, None], core] = False
-            div = kmeans_nearest(x, n_div, iters=self.iters, seed=self.seed, mask=rest, n_trials=self.n_trials)
+            div = _kmeans_nearest(x, n_div, iters=self.iters, seed=self.seed, mb=rest, n_trials=self.n_trials, check=False)
         return torch.cat([core, div], -1)
 
 # %% ../nbs/03_policies.ipynb #b3b629b0

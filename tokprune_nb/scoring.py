@@ -43,6 +43,10 @@ def relevance_scores(
         raise ValueError(f"`prompt` {tuple(prompt.shape)} must match `feats` {tuple(feats.shape)} in batch size and D")
     check_mask(prompt_mask, 'prompt_mask', tuple(prompt.shape[:-1]))
     if reduce not in ('mean', 'max'): raise ValueError(f"`reduce` must be 'mean' or 'max', got {reduce!r}")
+    return _relevance(feats, prompt, prompt_mask, reduce)
+
+def _relevance(feats:Tensor, prompt:Tensor, prompt_mask:Tensor=None, reduce:str='mean')->Tensor:
+    "`relevance_scores` without the argument checks (no host sync), for the fields of a validated TokenSet."
     f, pr = feats.float().contiguous(), prompt.float().contiguous()   # torch reduces a row by its memory layout too
     single = f.dim() == 2
     fb, pr = (f[None], pr[None]) if single else (f, pr)
@@ -123,6 +127,10 @@ def minmax_normalize(
 )->Tensor:             # per-image scores scaled to [0,1]; padding and constant rows -> 0
     "Per-image min-max normalisation over the real tokens."
     check_tensor(x, 'x', (1, 2)); check_mask(mask, 'mask', tuple(x.shape))
+    return _minmax(x, mask)
+
+def _minmax(x:Tensor, mask:Tensor=None)->Tensor:
+    "`minmax_normalize` without the argument checks (no host sync)."
     x = x.float()
     lo = x if mask is None else x.masked_fill(~mask, float('inf'))
     hi = x if mask is None else x.masked_fill(~mask, float('-inf'))
