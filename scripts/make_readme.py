@@ -1,6 +1,6 @@
 """README.md from nbs/index.ipynb (nbdev's own `nbdev_readme` needs Quarto, which this project does not install).
 
-Executes the notebook with execnb (as nbdev_test does), drops cells marked `#| hide`, strips `#|` directives,
+Executes the notebook with execnb (as nbdev_test does), drops cells marked `#| hide`, keeps only the output of cells marked `#| echo: false`, strips `#|` directives,
 and writes GitHub markdown with the outputs. Run by `make readme`."""
 import re
 import sys
@@ -19,6 +19,16 @@ cells = []
 for c in nb.cells:
     lines = c.source.splitlines()
     if c.cell_type == 'code' and any(re.match(r'#\|\s*hide\b', l) for l in lines): continue
+    if c.cell_type == 'code' and any(re.match(r'#\|\s*echo:\s*false\b', l) for l in lines):
+        for o in c.get('outputs', []):       # only the output: markdown as markdown, anything else as text
+            data = o.get('data', {})
+            text = data.get('text/markdown') or data.get('text/plain') or o.get('text', '')
+            text = ''.join(text) if isinstance(text, list) else text
+            if text:
+                md = dict(c); md.pop('outputs', None); md.pop('execution_count', None)
+                md.update(cell_type='markdown', source=text if 'text/markdown' in data else f"```\n{text}\n```")
+                cells.append(type(c)(c.idx_ if hasattr(c, "idx_") else 0, md))
+        continue
     c.source = '\n'.join(l for l in lines if not l.startswith('#|')).strip('\n')
     if c.cell_type == 'code' and not c.source: continue
     cells.append(c)
