@@ -1,0 +1,76 @@
+"""Merging primitives: VisionZip against a reference written from the published algorithm, merge-back properties."""
+import pytest
+import torch
+from tokprune_nb.merging import Reduction, merge_back, visionzip_reduce
+
+
+def official_visionzip(hidden, attn_cls, metric, dominant_num, contextual_num):
+    """The published algorithm (dvlab-research/VisionZip, visionzip/clip_encoder.py), batched as there, re-written here
+    as a reference: token 0 is CLS and always dominant; `dominant_num` more by CLS attention; the rest merged into
+    `contextual_num` uniformly strided targets by key cosine; contextual = target + mean(assigned)."""
+    B, L, D = hidden.shape
+    top = attn_cls.topk(dominant_num, dim=1).indices + 1                      # attention of CLS to patches 1..L-1
+    all_idx = torch.cat([torch.zeros(B, 1, dtype=top.dtype), top], 1)
+    mask = torch.ones(B, L, dtype=torch.bool).scatter_(1, all_idx, False)
+    dom = hidden.masked_select(~mask.unsqueeze(-1)).view(B, dominant_num + 1, D)
+    met = metric[mask].view(B, L - dominant_num - 1, metric.shape[2])
+    hid = hidden.masked_select(mask.unsqueeze(-1)).view(B, L - dominant_num - 1, D)
+    met = met / met.norm(dim=-1, keepdim=True)
+    step = max(1, met.shape[1] // contextual_num)
+    tgt = torch.arange(0, met.shape[1], step)[:contextual_num]
+    others = ~torch.isin(torch.arange(met.shape[1]), tgt)
+    sim = torch.bmm(met[:, others], met[:, tgt].transpose(1, 2))
+    onehot = torch.zeros(B, int(others.sum()), contextual_num).scatter_(2, sim.argmax(2).unsqueeze(-1), 1)
+    counts = onehot.sum(1).clamp(min=1).unsqueeze(-1)
+    agg = torch.bmm(onehot.transpose(1, 2), hid[:, others]) / counts
+    ctx = hid[:, tgt] + agg
+    # the slots: dominant (original index) and the targets' original indices
+    rest_idx = torch.stack([torch.nonzero(mask[b]).flatten() for b in range(B)])
+    return all_idx.sort(1).values, dom, rest_idx[:, tgt], ctx    # masked_select keeps index order
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("d,c", [(53, 10), (107, 20), (161, 30), (5, 1)])
+def test_visionzip_matches_the_published_algorithm(seed, d, c):
+    g = torch.Generator().manual_seed(seed)
+    L, D, Dk = 577, 64, 16                                       # CLS + 24x24 patches, as LLaVA-1.5
+    hidden, metric = torch.randn(1, L, D, generator=g), torch.randn(1, L, Dk, generator=g)
+    attn = torch.rand(1, L - 1, generator=g)
+    dom_idx, dom, tgt_idx, ctx = official_visionzip(hidden, attn, metric, d, c)
+    sal = torch.cat([torch.tensor([float("inf")]), attn[0]])    # CLS always dominant, as in the official code
+    slots, feats, size = visionzip_reduce(hidden[0], sal, metric[0], dominant=d + 1, contextual=c)
+    want = {int(i): f for i, f in zip(dom_idx[0], dom[0])} | {int(i): f for i, f in zip(tgt_idx[0], ctx[0])}
+    assert slots.tolist() == sorted(want)                       # the same tokens survive (dominant indices equal)
+    for s, f in zip(slots.tolist(), feats): torch.testing.assert_close(f, want[s], atol=1e-5, rtol=1e-5)
+    assert float(size.sum()) == L and torch.all(size >= 1)
+
+
+def test_visionzip_keep_all_and_bad_budgets():
+    h, s, k = torch.randn(10, 4), torch.rand(10), torch.randn(10, 3)
+    slots, f, size = visionzip_reduce(h, s, k, 6, 4)
+    assert torch.equal(slots, torch.arange(10)) and torch.equal(f, h)
+    with pytest.raises(ValueError, match="dominant"): visionzip_reduce(h, s, k, 8, 4)
+    with pytest.raises(ValueError, match="dominant"): visionzip_reduce(h, s, k, 0, 0)
+
+
+def test_merge_back_properties():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        B, N, D = 3, int(torch.randint(5, 40, (1,), generator=g)), 7
+        x = torch.randn(B, N, D, generator=g)
+        k = int(torch.randint(1, N, (1,), generator=g))
+        kept = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B)])
+        mer, size = merge_back(x, kept)
+        assert torch.equal(size.sum(1), torch.full((B,), float(N)))          # every token counted once
+        for b in range(B):                                                   # batch == alone, bit-exact
+            mb, sb = merge_back(x[b:b+1], kept[b:b+1])
+            assert torch.equal(mb[0], mer[b]) and torch.equal(sb[0], size[b])
+        assert not torch.equal(mer, torch.gather(x, 1, kept[..., None].expand(-1, -1, D)))   # merged differ from originals
+    x = torch.randn(2, 6, 3)
+    assert torch.equal(merge_back(x, torch.arange(6).expand(2, 6))[0], x)   # keep all: unchanged
+
+
+def test_reduction_validates():
+    with pytest.raises(TypeError, match="`index`"): Reduction(torch.tensor([0.0]), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="`size`"): Reduction(torch.tensor([0, 1]), torch.zeros(2, 2), size=torch.ones(3))
+    assert Reduction(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, 4)).batched
