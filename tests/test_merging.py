@@ -74,3 +74,33 @@ def test_reduction_validates():
     with pytest.raises(TypeError, match="`index`"): Reduction(torch.tensor([0.0]), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="`size`"): Reduction(torch.tensor([0, 1]), torch.zeros(2, 2), size=torch.ones(3))
     assert Reduction(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, 4)).batched
+
+
+def _vz_set(n, seed, d=8):
+    from tokprune_nb.core import TokenSet
+    g = torch.Generator().manual_seed(seed)
+    return TokenSet(torch.randn(n, d, generator=g), saliency=torch.rand(n, generator=g),
+                    vision_feats=torch.randn(n, 12, generator=g), keys=torch.randn(n, 4, generator=g))
+
+
+def test_visionzip_policy_batch_equals_alone_and_validates():
+    from tokprune_nb.core import TokenSet
+    from tokprune_nb.merging import VisionZip
+    sets = [_vz_set(n, s) for s, n in enumerate((64, 40, 64))]
+    vz = VisionZip(0.25)
+    batch = vz(TokenSet.stack(sets))
+    for b, s in enumerate(sets):
+        alone = vz(s); k = alone.index.numel()
+        assert torch.equal(batch.index[b, :k], alone.index) and torch.equal(batch.feats[b, :k], alone.feats)
+        assert (batch.index[b, k:] == -1).all()
+    assert vz.split(16) == (14, 2) and VisionZip(20, dominant=15, contextual=5).budget(64) == 20
+    with pytest.raises(ValueError, match="`dominant`"): VisionZip(0.5, dominant=-1)
+    with pytest.raises(ValueError, match="`dominant`"): VisionZip(0.5, dominant=1.5)
+    with pytest.raises(ValueError, match="more than"): VisionZip(8, dominant=60, contextual=10).budget(64)
+    with pytest.raises(ValueError, match="`keys`"): vz(TokenSet(torch.randn(10, 4), saliency=torch.rand(10), vision_feats=torch.randn(10, 3)))
+
+
+def test_tokenset_merging_fields_validated():
+    from tokprune_nb.core import TokenSet
+    with pytest.raises(ValueError, match="`keys`"): TokenSet(torch.randn(10, 4), keys=torch.randn(9, 2))
+    with pytest.raises(ValueError, match="`vision_feats`"): TokenSet(torch.randn(10, 4), vision_feats=torch.randn(10, 2) * float("nan"))

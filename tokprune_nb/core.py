@@ -41,8 +41,8 @@ def check_mask(mask, name:str, shape:tuple, device=None):
         raise ValueError(f"`{name}` is on {mask.device} but the features are on {device}")
     return mask
 
-# %% ../nbs/00_core.ipynb #66c5b4a0
-_PER_TOKEN = ('saliency', 'clip_feats')
+# %% ../nbs/00_core.ipynb #b4dcbb21
+_PER_TOKEN = ('saliency', 'clip_feats', 'vision_feats', 'keys')
 
 @dataclass(eq=False)
 class TokenSet:
@@ -55,6 +55,8 @@ class TokenSet:
     prompt_mask: Tensor|None = None # [.,T] bool, True = real prompt token
     clip_feats: Tensor|None = None  # [.,N,C] CLIP-space patch embeddings
     clip_text: Tensor|None = None   # [.,C] CLIP text embedding of the prompt
+    vision_feats: Tensor|None = None  # [.,N,Dv] the tower's features before the projector (merging policies, e.g. VisionZip)
+    keys: Tensor|None = None          # [.,N,Dk] a vision layer's keys, averaged over heads (VisionZip's merge metric)
 
     def __post_init__(self): self.validate()
 
@@ -142,6 +144,12 @@ def _validate(self:TokenSet)->TokenSet:
         if self.prompt_mask is not None and bool((self.prompt_mask.reshape(-1, self.prompt.shape[-2]).sum(-1) == 0).any()):
             raise ValueError("`prompt_mask` marks no real prompt token for some image")
     elif self.prompt_mask is not None: raise ValueError("`prompt_mask` was given without `prompt`")
+    for name in ('vision_feats', 'keys'):
+        v = getattr(self, name)
+        if v is not None:
+            check_tensor(v, name, (f.dim(),))
+            if tuple(v.shape[:-1]) != lead + (N,):
+                raise ValueError(f"`{name}` must have shape {lead + (N, 'C')}, got {tuple(v.shape)}")
     if self.clip_feats is not None:
         check_tensor(self.clip_feats, 'clip_feats', (f.dim(),))
         if tuple(self.clip_feats.shape[:-1]) != lead + (N,):
@@ -185,7 +193,7 @@ def _stack(sets:list)->TokenSet:
     dims = {(int(s.dim), str(s.feats.dtype), str(s.device)) for s in sets}   # int(): shapes are tensors when traced
     if len(dims) > 1: raise ValueError(f"`sets` must share feature dim, dtype and device, got {sorted(dims)}")
     if any(s.batched for s in sets): raise ValueError("`sets` must be single-image TokenSets (feats [N,D])")
-    for name in ('saliency', 'prompt', 'clip_feats', 'clip_text'):
+    for name in ('saliency', 'prompt', 'clip_feats', 'clip_text', 'vision_feats', 'keys'):
         have = [s.has(name) for s in sets]
         if any(have) and not all(have): raise ValueError(f"`{name}` is present for some images and missing for others")
     ns = [s.n_tokens for s in sets]; N = max(ns)

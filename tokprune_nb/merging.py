@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['SPACES', 'Reduction', 'merge_back', 'visionzip_reduce']
+__all__ = ['SPACES', 'VISIONZIP_RATIO', 'Reduction', 'merge_back', 'visionzip_reduce', 'VisionZip']
 
 # %% ../nbs/03b_merging.ipynb #d216b24f
 SPACES = ("llm", "vision")
@@ -97,3 +97,62 @@ def visionzip_reduce(
     else: keep = dom
     keep = keep.sort().values
     return keep, feats[keep], size[keep]
+
+# %% ../nbs/03b_merging.ipynb #fb2d1561
+from .core import TokenSet
+from .policies import Policy, _check_layer
+
+VISIONZIP_RATIO = 54 / 64    # dominant share of the budget in the authors' LLaVA-1.5 settings (54+10, 108+20, 162+30)
+
+def _check_count(v, name):
+    if v is None: return v
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0: raise ValueError(f"`{name}` must be an int >= 0 or None, got {v!r}")
+    return v
+
+class VisionZip(Policy):
+    "VisionZip: dominant tokens by CLS attention; the rest merged into strided contextual tokens by key similarity."
+    name = 'visionzip'
+    def __init__(self, keep, dominant:int|None=None, contextual:int|None=None, saliency_layer:int=-2):
+        super().__init__(keep)
+        self.dominant, self.contextual = _check_count(dominant, 'dominant'), _check_count(contextual, 'contextual')
+        if dominant is not None and contextual is not None and dominant + contextual < 1:
+            raise ValueError("`dominant` + `contextual` must be at least 1")
+        self.saliency_layer = _check_layer(saliency_layer)
+
+    @property
+    def needs(self)->frozenset:
+        "TokenSet fields VisionZip requires: the layer's CLS attention, its hidden states (pre-projector) and keys."
+        return frozenset({'saliency', 'vision_feats', 'keys'})
+
+    def budget(self, n:int)->int:
+        "Tokens kept from an image with `n` visual tokens (`dominant + contextual` when both are given)."
+        if self.dominant is not None and self.contextual is not None:
+            k = self.dominant + self.contextual
+            if k > n: raise ValueError(f"`dominant` + `contextual` = {k} is more than the image's {n} visual tokens")
+            return k
+        return super().budget(n)
+
+    def split(self, k:int)->tuple:
+        "(dominant, contextual) counts for a budget of `k`."
+        if self.dominant is not None and self.contextual is not None: return self.dominant, self.contextual
+        if self.dominant is not None: d = self.dominant
+        elif self.contextual is not None: d = k - self.contextual
+        else: d = int(round(VISIONZIP_RATIO * k))
+        if not 0 <= d <= k: raise ValueError(f"`dominant`/`contextual` do not fit a budget of {k} tokens")
+        return d, k - d
+
+    def __call__(self, ts:TokenSet):
+        "A `Reduction` in vision space (`[k]` / `[B,k_max]` slots, -1 padded), or plain indices when every token is kept."
+        if not isinstance(ts, TokenSet): raise TypeError(f"`ts` must be a TokenSet, got {type(ts).__name__}")
+        for name in sorted(self.needs):
+            if not ts.has(name): raise ValueError(f"VisionZip needs `{name}` in the TokenSet, but it is missing")
+        sets = ts.split() if ts.batched else [ts]
+        ks = [self.budget(s.n_tokens) for s in sets]
+        if all(k == s.n_tokens for k, s in zip(ks, sets)): return super().__call__(ts)   # keeps all: plain indices
+        res = [visionzip_reduce(s.vision_feats, s.saliency, s.keys, *self.split(k)) for s, k in zip(sets, ks)]
+        if not ts.batched: return Reduction(*res[0], space="vision")
+        K, Dv = max(ks), sets[0].vision_feats.shape[-1]
+        idx = torch.full((len(sets), K), -1, dtype=torch.long, device=ts.device)
+        f = sets[0].vision_feats.new_zeros(len(sets), K, Dv); size = torch.zeros(len(sets), K, device=ts.device)
+        for b, (sl, fb, sb) in enumerate(res): idx[b, :len(sl)], f[b, :len(sl)], size[b, :len(sl)] = sl, fb, sb
+        return Reduction(idx, f, size, space="vision")
