@@ -35,7 +35,7 @@ def llava_onevision_7b_config():
 @register_adapter("LlavaOnevisionForConditionalGeneration", name="llava-onevision", tiny=tiny_llava_onevision,
                   inputs=chat_inputs, mid=mid_llava_onevision, mid_image_size=384, offline=onevision_offline,
                   flop_parts=LLAVA_PARTS, clip_tower=False,
-                  published={"llava-onevision-7b": Published(llava_onevision_7b_config, 384, 1458, 27,
+                  published={"llava-onevision-7b": Published(llava_onevision_7b_config, 768, 3645, 54,
                                                              "llava-hf/llava-onevision-qwen2-7b-ov-hf")},
                   doc="SigLIP so400m/14-384, anyres-max tiles + newlines · attention received per crop (no CLS) · "
                       "no CLIP term · 1-D positions · images")

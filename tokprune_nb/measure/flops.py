@@ -17,9 +17,9 @@ from ..registry import families, family_of, family_for_config, published_configs
 # %% auto #0
 __all__ = ['ZERO_COST_OPS', 'FVCORE_DEFAULTS_OFF', 'TORCH_EXTRA_FORMULAS', 'ARCH_CONFIGS', 'REFERENCE_TOKENS', 'PROMPT_TOKENS',
            'sdpa_flop_jit', 'baddbmm_flop_jit', 'einsum_flop_jit', 'matmul_flop_jit', 'cdist_flop_jit',
-           'fvcore_analysis', 'torch_flop_counter', 'torch_flop_counts', 'text_config', 'analytic_prefill_breakdown',
-           'analytic_prefill_flops', 'reference_seq_len', 'meta_prefill_flops', 'prefill_table', 'FlopCount',
-           'count_flops']
+           'conv_mode_flop_jit', 'fvcore_analysis', 'torch_flop_counter', 'torch_flop_counts', 'text_config',
+           'analytic_prefill_breakdown', 'analytic_prefill_flops', 'reference_seq_len', 'meta_prefill_flops',
+           'prefill_table', 'FlopCount', 'count_flops']
 
 # %% ../../nbs/measure/flops.ipynb #e11263f0
 def sdpa_flop_jit(inputs:list, outputs:list)->int:
@@ -59,6 +59,11 @@ def cdist_flop_jit(inputs:list, outputs:list)->int:
     a, b = get_shape(inputs[0]), get_shape(inputs[1])
     return math.prod(a) * b[-2]
 
+def conv_mode_flop_jit(inputs:list, outputs:list)->int:
+    "fvcore handle for `aten::_convolution_mode` (a conv with string padding, e.g. InternViT's patch embedding): as `aten::_convolution`."
+    from fvcore.nn.jit_handles import conv_flop_count
+    return conv_flop_count(get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0]), transposed=False)
+
 # Operators that count 0 under our convention (elementwise, reductions, indexing, creation, sorting, ...),
 # with their in-place variants (`add_`, `clamp_max_`, ...).
 _ZERO = """
@@ -82,7 +87,7 @@ ZERO_COST_OPS = tuple(sorted({f"aten::{o}{u}" for o in _ZERO for u in ("", "_") 
 
 # fvcore counts these by default; under our convention they are 0 (FlopCounterMode does not count them either).
 FVCORE_DEFAULTS_OFF = ("aten::layer_norm", "aten::group_norm", "aten::batch_norm", "aten::instance_norm",
-                       "aten::upsample_nearest2d", "aten::upsample_bilinear2d", "aten::adaptive_avg_pool2d",
+                       "aten::upsample_nearest2d", "aten::upsample_bilinear2d", "aten::upsample_bicubic2d", "aten::adaptive_avg_pool2d",
                        "aten::grid_sampler")
 
 def _zero_flop(inputs, outputs)->int: return 0   # (`set_op_handle(op, None)` would not override a default handle)
@@ -95,7 +100,7 @@ def fvcore_analysis(
     fa = FlopCountAnalysis(module, inputs)
     fa.set_op_handle(**{"aten::scaled_dot_product_attention": sdpa_flop_jit, "aten::cdist": cdist_flop_jit,
                         "aten::baddbmm": baddbmm_flop_jit, "aten::einsum": einsum_flop_jit,
-                        "aten::matmul": matmul_flop_jit, "aten::mm": matmul_flop_jit})
+                        "aten::matmul": matmul_flop_jit, "aten::mm": matmul_flop_jit, "aten::_convolution_mode": conv_mode_flop_jit})
     fa.set_op_handle(**{o: None for o in ZERO_COST_OPS}, **{o: _zero_flop for o in FVCORE_DEFAULTS_OFF})
     fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     return fa.ancestor_mode("caller")
