@@ -81,16 +81,38 @@ def _adjust_lengths(kwargs:dict, model, dropped:int):
     else: kwargs.update(new)
     return kwargs
 
+def _keep_all():
+    from tokprune_nb.policies import RandomPrune
+    return RandomPrune(keep=1.0)
+
+def _inside_runner(model, inside):
+    "The hooks of an in-LLM policy (`None`: no in-LLM stage)."
+    if inside is None: return None
+    from tokprune_nb.inllm.base import InLLMPolicy, InsideRunner
+    if isinstance(inside, type) or not isinstance(inside, InLLMPolicy):
+        raise TypeError(f"`inside` must be an in-LLM policy instance, e.g. FastV(layer=2, keep=0.5), got {inside!r}")
+    return InsideRunner(model, inside)
+
+def _begin_inside(runner, adapter, prep:Prepared):
+    "Tell the in-LLM stages which columns of the LLM's input are image tokens, and its padding."
+    if runner is None: return
+    if prep.kwargs.get("labels") is not None:
+        raise ValueError("`labels` are not supported with `inside=`: the in-LLM stages shorten the sequence the logits cover")
+    ids = prep.kwargs["input_ids"]
+    runner.begin(ids == adapter.image_token_id, prep.kwargs.get("attention_mask"))
+
 @contextlib.contextmanager
 def pruned(
     model,                 # a supported Hugging Face VLM (see `registry.families()`)
-    policy,                # a policy instance: TokenSet -> kept indices (e.g. `ZSPAPrune(keep=0.25)`)
+    policy,                # a policy instance: TokenSet -> kept indices (e.g. `ZSPAPrune(keep=0.25)`); None = keep all
     *,
+    inside=None,           # an in-LLM policy (`tokprune_nb.inllm`, e.g. `FastV(layer=2, keep=0.5)`): stages inside the LLM
     clip=None,             # CLIPModel (or with-projection variant) for policies that need CLIP inputs (ATP)
     clip_tokenizer=None,   # CLIP's tokenizer, for the CLIP text embedding of the prompt
     tokenizer=None,        # the VLM's tokenizer, to decode the prompt for CLIP
 ):
     "Context manager: inside it, `model(**inputs)` and `model.generate(**inputs)` see only the visual tokens `policy` keeps."
+    if policy is None: policy = _keep_all()
     if isinstance(policy, type):
         raise TypeError(f"`policy` must be a policy instance, e.g. {policy.__name__}(keep=0.25), got the class {policy.__name__}")
     if not callable(policy): raise TypeError(f"`policy` must be callable (TokenSet -> kept indices), got {type(policy).__name__}")
@@ -98,7 +120,9 @@ def pruned(
     if model in _ACTIVE: raise ValueError("`model` is already inside a `pruned(...)` context; nesting is not supported")
     adapter = klass(model, clip=clip, clip_tokenizer=clip_tokenizer, tokenizer=tokenizer)
     adapter.check_policy(policy)
+    runner = _inside_runner(model, inside)
     ctx = PruneContext(model, policy, adapter)
+    ctx.inside = runner
     own = {k: model.__dict__[k] for k in ("forward", "generate") if k in model.__dict__}
     orig_forward, orig_generate = model.forward, model.generate
 
@@ -111,6 +135,7 @@ def pruned(
             return orig_forward(**inputs)
         prep = adapter.prepare(policy, inputs, for_generate=False)
         ctx._record(prep)
+        _begin_inside(runner, adapter, prep)
         with contextlib.ExitStack() as st:
             for c in prep.contexts: st.enter_context(c)
             return orig_forward(**prep.kwargs)
@@ -122,6 +147,7 @@ def pruned(
         with torch.no_grad():
             prep = adapter.prepare(policy, inputs, for_generate=True)
         ctx._record(prep)
+        _begin_inside(runner, adapter, prep)
         gkw = _adjust_lengths(dict(prep.kwargs), model, prep.orig_input_ids.shape[1] - prep.short_len)
         ctx._passthrough = True
         try:
@@ -134,8 +160,11 @@ def pruned(
     _ACTIVE[model] = ctx
     model.forward = _Wrapper(forward, orig_forward, "forward", model, own)
     model.generate = _Wrapper(generate, orig_generate, "generate", model, own)
-    try: yield ctx
+    try:
+        if runner is not None: runner.install()
+        yield ctx
     finally:
+        if runner is not None: runner.remove()
         for k in ("forward", "generate"):
             if k in own: setattr(model, k, own[k])
             else: model.__dict__.pop(k, None)
