@@ -355,13 +355,14 @@ def test_policy_needing_clip(tiny, batch3):
         with pruned(model, NeedsClip(keep=0.25)): model(**batch3)
 
 
-def test_user_position_ids_and_video_refused(tiny, batch3):
+def test_user_position_ids_refused_and_video_pixels_need_placeholders(tiny, batch3):
+    "Videos are pruned (tests/test_video.py); video pixels without `<|video_pad|>` placeholders are refused."
     model, _ = tiny
     with pruned(model, RelevancePrune(keep=0.25)):
         with pytest.raises(ValueError, match="position_ids"):
             model(**batch3, position_ids=torch.zeros(3, *batch3["input_ids"].shape, dtype=torch.long))
-        with pytest.raises(ValueError, match="video"):
-            model(**batch3, pixel_values_videos=torch.zeros(1, 1176), video_grid_thw=torch.tensor([[2, 2, 2]]))
+        with pytest.raises(ValueError, match="holds no video token"):
+            model(**batch3, pixel_values_videos=torch.zeros(8, 1176), video_grid_thw=torch.tensor([[2, 2, 2]]))
 
 
 def test_placeholder_count_mismatch(tiny, batch3):

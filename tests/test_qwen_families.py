@@ -162,8 +162,8 @@ def test_saliency_layer_is_validated(fam):
 def test_adapters_share_qwen2_5_vl():
     assert issubclass(Qwen2VLAdapter, Qwen2_5_VLAdapter) and issubclass(Qwen3VLAdapter, Qwen2VLAdapter)
     own = lambda c: {k for k in vars(c) if not k.startswith("_") and callable(vars(c)[k])}
-    assert own(Qwen2VLAdapter) == {"encode"}
-    assert own(Qwen3VLAdapter) == {"encode", "encoder_output"}
+    assert own(Qwen2VLAdapter) == {"encode_kind"}
+    assert own(Qwen3VLAdapter) == {"encode_kind", "encoder_output"}
 
 
 @pytest.mark.parametrize("name,arch", [("qwen2-vl", "qwen2-vl-7b"), ("qwen3-vl", "qwen3-vl-8b")])
@@ -192,8 +192,9 @@ def test_mid_geometry(name, size):
     assert int((x["input_ids"] == model.config.image_token_id).sum()) == 576
 
 
-def test_video_is_refused(fam):
+def test_video_pixels_without_placeholders_are_refused(fam):
+    "Videos are pruned (tests/test_video.py); video pixels whose `<|video_pad|>` placeholders are missing are refused."
     f, model, proc = fam
     x = dict(f.inputs(proc, PROMPTS[:1], sizes=[(56, 56)]))
     x["pixel_values_videos"] = torch.zeros(8, x["pixel_values"].shape[-1]); x["video_grid_thw"] = torch.tensor([[2, 2, 2]])
-    with pruned(model, RandomPrune(keep=0.5)), pytest.raises(ValueError, match="video"): model(**x)
+    with pruned(model, RandomPrune(keep=0.5)), pytest.raises(ValueError, match="holds no video token"): model(**x)

@@ -33,6 +33,7 @@ class ImageTokens:
     saliency: Tensor|None = None    # [N] saliency of the prunable tokens (if the policy needs it)
     clip_feats: Tensor|None = None  # [N,C] CLIP-space embeddings of the prunable tokens (if needed)
     extra: dict = field(default_factory=dict)   # family data for `kept_slots` (e.g. LLaVA-NeXT's rows)
+    kind: str = "image"             # which visual input it came from: a key of `Adapter.visual_inputs()` ("image", "video")
 
     @property
     def candidates(self)->Tensor:
@@ -43,7 +44,7 @@ class ImageTokens:
 class Prepared:
     "What an adapter hands back: how to call the original `forward`/`generate`, and what was kept."
     kwargs: dict                 # keyword arguments for the ORIGINAL forward/generate
-    selection: list              # kept indices (sorted LongTensor) per image, in the order of the inputs' images
+    selection: list              # kept indices (sorted LongTensor) per image (or clip), in `encode`'s order
     orig_input_ids: Tensor       # [B,L] the user's input_ids (used to splice generate outputs)
     short_len: int               # prompt length after shortening (the shortened input_ids' width)
     contexts: list = field(default_factory=list)  # context managers entered around the original call
@@ -78,7 +79,10 @@ def check_policy_inputs(policy, *, clip=None, clip_tokenizer=None, tokenizer=Non
         raise ValueError(f"`policy`: {name} needs saliency but has no integer `saliency_layer`")
     return needs
 
-def check_inputs(inputs:dict, image_key:str="pixel_values")->Tensor:
+def check_inputs(
+    inputs:dict,
+    image_key:str|tuple="pixel_values",   # the pixel input, or several (e.g. images and videos): at least one is needed
+)->Tensor:
     "Validate the common inputs of a pruned call (ids, mask, finite pixels); returns `input_ids`."
     if inputs.get("inputs_embeds") is not None:
         raise ValueError("`inputs_embeds` is not supported inside `pruned(...)`: pass `input_ids` (straight from the processor)")
@@ -86,10 +90,15 @@ def check_inputs(inputs:dict, image_key:str="pixel_values")->Tensor:
     if ids is None: raise ValueError("`input_ids` is required inside `pruned(...)` (straight from the processor)")
     if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point():
         raise ValueError(f"`input_ids` must be a [batch, length] LongTensor, got {getattr(ids, 'shape', type(ids))}")
-    if inputs.get(image_key) is None:
+    keys = (image_key,) if isinstance(image_key, str) else tuple(image_key)
+    present = [k for k in keys if inputs.get(k) is not None]
+    if not present and len(keys) == 1:
         raise ValueError(f"no image in the inputs: `{image_key}` is missing; `pruned(...)` prunes image tokens, "
                          "call the model outside the context for text-only inputs")
-    check_tensor(inputs[image_key], image_key, tuple(range(1, 7)))    # floating, finite: names the input
+    if not present:
+        raise ValueError(f"no image in the inputs (nor any other visual input): none of {', '.join(f'`{k}`' for k in keys)} is given; "
+                         "`pruned(...)` prunes visual tokens, call the model outside the context for text-only inputs")
+    for k in present: check_tensor(inputs[k], k, tuple(range(1, 7)))    # floating, finite: names the input
     if inputs.get("mm_encoder_outputs") is not None:
         raise ValueError("`mm_encoder_outputs` is set by `pruned(...)` itself; pass raw `pixel_values`")
     am = inputs.get("attention_mask")
@@ -251,6 +260,12 @@ class Adapter:
         v = getattr(cfg, "image_token_id", None)
         return cfg.image_token_index if v is None else v
 
+    def visual_inputs(self)->dict:
+        """The kinds of visual input this family prunes: kind -> (placeholder token id, pixel input key), in the order
+        `encode` returns them. Default: images only. A kind is pruned when its pixel input is in the call; each kind
+        present gets its own `mm_encoder_outputs[kind]` (e.g. Qwen's `"video"`)."""
+        return {"image": (self.image_token_id, self.image_keys[0])}
+
     def special_token_ids(self)->tuple:
         "Token ids that are neither prompt text nor prunable (image placeholders, vision markers)."
         return (self.image_token_id,)
@@ -264,11 +279,13 @@ class Adapter:
 
     def token_counts(self, inputs:dict):
         """Placeholder tokens per image, all of them prunable, computed cheaply before the vision pass (None: unknown
-        until `encode`); lets the placeholder count and the budget be checked before any compute."""
+        until `encode`); lets the placeholder count and the budget be checked before any compute. A list (the first
+        kind of `visual_inputs`, images) or a dict kind -> list when the family has several kinds."""
         return None
 
     def encode(self, inputs:dict, needs:frozenset, policy)->list:
-        "Run the vision tower once; one `ImageTokens` per image, in order, with the evidence in `needs` it provides."
+        """Run the vision tower once; one `ImageTokens` per image (or clip, `kind="video"`), each kind in input order,
+        with the evidence in `needs` it provides."""
         raise NotImplementedError
 
     def kept_slots(self, img:ImageTokens, kept:Tensor)->Tensor:
@@ -280,9 +297,9 @@ class Adapter:
         return {}
 
     def encoder_output(self, imgs:list, slots:list):
-        """What the model receives as `mm_encoder_outputs["image"]`: each image's features at its kept `slots`
-        (`pooler_output`, one `[k_i,D]` per image). A family whose model reads more per image (Qwen3-VL's DeepStack
-        levels) gathers that too, with the same slots."""
+        """What the model receives as `mm_encoder_outputs["image"]` (called once per kind: `imgs` all of one kind): each
+        image's features at its kept `slots` (`pooler_output`, one `[k_i,D]` per image). A family whose model reads more
+        per image (Qwen3-VL's DeepStack levels) gathers that too, with the same slots."""
         return BaseModelOutputWithPooling(pooler_output=[im.packed[s] for im, s in zip(imgs, slots)])
 
     def finish(self, kwargs:dict, short:dict, ids:Tensor, am:Tensor, keep:Tensor, for_generate:bool)->list:
@@ -291,18 +308,29 @@ class Adapter:
 
     # ---- the pipeline -----------------------------------------------------------------------------------------
     def prepare(self, policy, inputs:dict, *, for_generate:bool)->Prepared:
-        "Prune the image tokens of one `forward`/`generate` call: the keyword arguments for the original call."
-        ids = check_inputs(inputs, self.image_keys[0])
+        "Prune the image (and video) tokens of one `forward`/`generate` call: the keyword arguments for the original call."
+        vis = self.visual_inputs()
+        ids = check_inputs(inputs, self.image_keys[0] if len(vis) == 1 else tuple(k for _, k in vis.values()))
         self.check_family_inputs(inputs)
         needs = self.check_policy(policy)
         inputs = dict(inputs); am = inputs.get("attention_mask")
-        img_id = self.image_token_id
-        is_img = ids == img_id
-        if not bool(is_img.any()): raise ValueError(f"no image in the inputs: `input_ids` holds no image token (id {img_id})")
+        kinds = {kind: tid for kind, (tid, key) in vis.items() if len(vis) == 1 or inputs.get(key) is not None}
+        is_vis = {kind: ids == tid for kind, tid in kinds.items()}       # [B,L] placeholders of each kind present
+        for kind, m in is_vis.items():
+            if not bool(m.any()): raise ValueError(f"no {kind} in the inputs: `input_ids` holds no {kind} token (id {kinds[kind]})")
         counts = self.token_counts(inputs)
-        if counts is not None: image_rows(is_img.sum(1).tolist(), counts); check_budget(policy, counts)
+        if counts is not None:
+            counts = counts if isinstance(counts, dict) else {next(iter(kinds)): counts}
+            for kind, c in counts.items(): image_rows(is_vis[kind].sum(1).tolist(), c)
+            check_budget(policy, [n for c in counts.values() for n in c])
         imgs = self.encode(inputs, needs, policy)
-        rows = image_rows(is_img.sum(1).tolist(), [im.packed.shape[0] for im in imgs])
+        unknown = sorted({im.kind for im in imgs} - set(kinds))
+        if unknown: raise ValueError(f"`encode` returned tokens of kind(s) {unknown}, but the inputs hold only {sorted(kinds)}")
+        rows = [0] * len(imgs)
+        for kind in kinds:                                   # each kind's items fill that kind's placeholders, in order
+            where = [i for i, im in enumerate(imgs) if im.kind == kind]
+            for i, r in zip(where, image_rows(is_vis[kind].sum(1).tolist(), [imgs[i].packed.shape[0] for i in where])):
+                rows[i] = r
         tmask = text_token_mask(ids, am, self.special_token_ids())
         prompts = clip_text = None
         if "prompt" in needs:
@@ -322,14 +350,14 @@ class Adapter:
                                 clip_feats=None if im.clip_feats is None else im.clip_feats.detach().float(),
                                 clip_text=None if clip_text is None else clip_text[r].to(im.packed.device)))
         selection = run_policy(policy, tss)
-        keep = ~is_img
-        place = [torch.nonzero(ids[b] == img_id).flatten() for b in range(ids.shape[0])]
-        offset = [0] * ids.shape[0]; kept_slots = []
+        keep = ~torch.stack(list(is_vis.values())).any(0)
+        place = {kind: [torch.nonzero(m[b]).flatten() for b in range(ids.shape[0])] for kind, m in is_vis.items()}
+        offset = {kind: [0] * ids.shape[0] for kind in kinds}; kept_slots = []
         for im, kept, r in zip(imgs, selection, rows):
             slots = self.kept_slots(im, kept.to(im.packed.device))
             kept_slots.append(slots)
-            keep[r, place[r][offset[r] + slots.to(ids.device)]] = True
-            offset[r] += im.packed.shape[0]
+            keep[r, place[im.kind][r][offset[im.kind][r] + slots.to(ids.device)]] = True
+            offset[im.kind][r] += im.packed.shape[0]
         extras = {k: inputs[k] for k in PER_TOKEN_FILL
                   if isinstance(inputs.get(k), Tensor) and tuple(inputs[k].shape[:2]) == tuple(ids.shape)}
         extras.update(self.positions(inputs, ids, am))
@@ -339,7 +367,9 @@ class Adapter:
         kwargs.update({k: v for k, v in short.items() if k in inputs})
         kwargs["input_ids"] = new_ids
         if new_am is not None or "attention_mask" in kwargs: kwargs["attention_mask"] = new_am
-        kwargs["mm_encoder_outputs"] = {"image": self.encoder_output(imgs, kept_slots)}
+        kwargs["mm_encoder_outputs"] = {
+            kind: self.encoder_output([im for im in imgs if im.kind == kind], [s for im, s in zip(imgs, kept_slots) if im.kind == kind])
+            for kind in kinds if any(im.kind == kind for im in imgs)}
         contexts = self.finish(kwargs, short, ids, am, keep, for_generate)
         return Prepared(kwargs=kwargs, selection=selection, orig_input_ids=ids, short_len=new_ids.shape[1],
                         contexts=contexts, position_map=pmap)

@@ -36,29 +36,34 @@ def qwen_vision_tokens(
     image_grid_thw:Tensor,        # [n_images, 3] (t, h, w) in patches
     saliency_layer:int|None=None, # vision block for saliency (see `qwen_saliency_block`); None = no saliency
     chunk_size:int|None=None,     # queries per chunk for attention received; None: about 1M attention entries per chunk
+    video:bool=False,             # True: `pixel_values_videos` / `video_grid_thw` (clips of t merged temporal steps)
 ):
-    "Run the vision tower once: per-image merged tokens `[N_i, D]`, grids `(h/2, w/2)`, saliencies `[N_i]` (or None)."
+    """Run the vision tower once: per-image merged tokens `[N_i, D]`, grids `(h/2, w/2)`, saliencies `[N_i]` (or None).
+    With `video=True`, per clip: `[t*h/2*w/2, D]` in (t, h, w) raster order, grids `(t, h/2, w/2)`."""
     inner = getattr(model, "model", model)
     visual, m = inner.visual, inner.visual.spatial_merge_size
-    if bool((image_grid_thw[:, 0] != 1).any()):
-        raise ValueError("`image_grid_thw` has t > 1: only still images are supported (videos are not pruned)")
-    grids = [(int(h) // m, int(w) // m) for _, h, w in image_grid_thw.tolist()]
+    if not video and bool((image_grid_thw[:, 0] != 1).any()):
+        raise ValueError("`image_grid_thw` has t > 1: only still images go here (videos: `video=True` with `video_grid_thw`)")
+    grids = [((int(t),) if video else ()) + (int(h) // m, int(w) // m) for t, h, w in image_grid_thw.tolist()]
     cap, handles = {}, []
     if saliency_layer is not None:
         attn = visual.blocks[qwen_saliency_block(visual.config, saliency_layer)].attn
         def _rope(mod, args, kwargs): cap["pe"] = kwargs["position_embeddings"]
         def _qkv(mod, args, out): cap["qkv"] = out
         handles = [attn.register_forward_pre_hook(_rope, with_kwargs=True), attn.qkv.register_forward_hook(_qkv)]
-    try: out = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    try: out = (inner.get_video_features if video else inner.get_image_features)(pixel_values, image_grid_thw, return_dict=True)
     finally:
         for h in handles: h.remove()
-    feats = list(out.pooler_output)
+    n_tok = (image_grid_thw.prod(-1) // (m * m)).tolist()
+    po = out.pooler_output         # transformers 5.24: split per image; Qwen2.5-VL's video features come unsplit
+    feats = list(po.split(n_tok) if isinstance(po, Tensor) else po)
     if saliency_layer is None: return feats, grids, None
     from transformers.vision_utils import get_vision_window_index          # transformers 5.x internals
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
     window_index, _ = get_vision_window_index(image_grid_thw, spatial_merge_size=m, window_size=visual.window_size,
                                               patch_size=visual.patch_size)
-    sizes = (image_grid_thw.prod(-1)).tolist()      # patches per image; images stay contiguous in window order
+    sizes = [int(h * w) for t, h, w in image_grid_thw.tolist() for _ in range(int(t))]   # patches per frame: the
+    # full-attention blocks attend within each frame (`cu_seqlens`); frames stay contiguous in window order
     qkv = cap["qkv"].detach()                      # the block's own q/k/v projection, [P, 3*dim], window order
     q, k, _ = qkv.reshape(qkv.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = apply_rotary_pos_emb_vision(q, k, *cap["pe"])     # as the block does it
@@ -67,7 +72,7 @@ def qwen_vision_tokens(
     per_patch = torch.cat([cls_attention_scores(qi, ki, has_cls=False, scale=attn.scaling, chunk_size=chunk(qi.shape[1]))
                            for qi, ki in zip(q.split(sizes, 1), k.split(sizes, 1))])
     per_merged = per_patch.view(-1, m * m).mean(-1)[torch.argsort(window_index.to(per_patch.device))]
-    return feats, grids, list(per_merged.split([s // (m * m) for s in sizes]))
+    return feats, grids, list(per_merged.split(n_tok))
 
 # %% ../../nbs/adapters/qwen2_5_vl.ipynb #ebb43a5d
 @contextlib.contextmanager
@@ -83,16 +88,21 @@ def temporarily(obj, name:str, value):
         else: delattr(obj, name)                           # absent before, or shadowed a class attribute
 
 def qwen_positions(
-    model,                         # a `Qwen2_5_VLForConditionalGeneration`
+    model,                         # a `Qwen2_5_VLForConditionalGeneration` (Qwen2-VL, Qwen3-VL alike)
     input_ids:Tensor,              # [B, L] unpruned
-    image_grid_thw:Tensor,         # [n_images, 3]
+    image_grid_thw:Tensor,         # [n_images, 3] (None: no image)
     attention_mask:Tensor=None,    # [B, L]
-    mm_token_type_ids:Tensor=None, # [B, L] 0 text / 1 image; derived from the image token if missing
+    mm_token_type_ids:Tensor=None, # [B, L] 0 text / 1 image / 2 video; derived from the placeholder tokens if missing
+    video_grid_thw:Tensor=None,    # [n_videos, 3] (t, h, w) of each clip
+    second_per_grid_ts:Tensor=None,# [n_videos] seconds per temporal step (Qwen2.5-VL's processor gives it)
 )->tuple:                          # (position_ids [3, B, L], rope_deltas [B, 1])
     "3D M-RoPE position ids of the unpruned sequence, from the model's own `get_rope_index`."
-    if mm_token_type_ids is None: mm_token_type_ids = (input_ids == model.config.image_token_id).int()
+    cfg = model.config
+    if mm_token_type_ids is None:
+        mm_token_type_ids = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
+    kw = {} if second_per_grid_ts is None else {"second_per_grid_ts": second_per_grid_ts}
     return model.model.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
-                                      attention_mask=attention_mask)
+                                      video_grid_thw=video_grid_thw, attention_mask=attention_mask, **kw)
 
 def generate_position_ids(
     position_ids:Tensor,         # [3, B, S] gathered M-RoPE ids of the shortened prompt
@@ -125,11 +135,17 @@ QWEN_PARTS = {"vision": [("model.visual", 1), ("model.visual.merger", -1)], "pro
 @register_adapter("Qwen2_5_VLForConditionalGeneration", name="qwen2.5-vl", tiny=tiny_qwen2_5_vl, inputs=tiny_qwen_inputs,
                   mid=mid_qwen2_5_vl, mid_image_size=672, offline=qwen_offline, flop_parts=QWEN_PARTS,
                   published={"qwen2.5-vl-7b": Published(qwen2_5_vl_7b_config, 672, 576, 0, "Qwen/Qwen2.5-VL-7B-Instruct")},
-                  doc="windowed ViT + 2×2 merger · attention received at a full-attention block · no CLIP term · M-RoPE · images")
+                  doc="windowed ViT + 2×2 merger · attention received at a full-attention block · no CLIP term · M-RoPE · images, videos")
 class Qwen2_5_VLAdapter(Adapter):
-    "Prunes the image tokens of `Qwen2_5_VLForConditionalGeneration`, keeping their original 3D M-RoPE positions."
-    image_keys = ("pixel_values", "image_grid_thw")
+    """Prunes the image and video tokens of `Qwen2_5_VLForConditionalGeneration`, keeping their original 3D M-RoPE
+    positions; one `TokenSet` per image and per clip (grid `(t, h/2, w/2)`, one budget over the whole clip)."""
+    image_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
     chunk_size = None   # queries per chunk for the saliency fallback (None: automatic, see `qwen_vision_tokens`)
+
+    def visual_inputs(self):
+        "Images and videos, each with its own placeholder token and `mm_encoder_outputs` entry."
+        cfg = self.model.config
+        return {"image": (cfg.image_token_id, "pixel_values"), "video": (cfg.video_token_id, "pixel_values_videos")}
 
     def special_token_ids(self):
         cfg = self.model.config
@@ -145,25 +161,34 @@ class Qwen2_5_VLAdapter(Adapter):
         return needs
 
     def check_family_inputs(self, inputs):
-        if inputs.get("pixel_values_videos") is not None or inputs.get("video_grid_thw") is not None:
-            raise ValueError(f"`pixel_values_videos`: video inputs are not supported by {type(self).__name__} (images only)")
         if inputs.get("position_ids") is not None:
             raise ValueError("`position_ids`: inside `pruned(...)` the adapter computes the 3D positions itself; do not pass them")
-        if inputs.get("image_grid_thw") is None:
-            raise ValueError("`image_grid_thw` is missing: pass the processor's outputs unchanged")
+        for px, grid in self._KINDS.values():
+            if inputs.get(px) is not None and inputs.get(grid) is None:
+                raise ValueError(f"`{grid}` is missing: pass the processor's outputs unchanged")
+
+    _KINDS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
 
     def token_counts(self, inputs):
         m = self.model.model.visual.spatial_merge_size
-        return (inputs["image_grid_thw"].prod(-1) // (m * m)).tolist()
+        return {kind: (inputs[grid].prod(-1) // (m * m)).tolist()
+                for kind, (px, grid) in self._KINDS.items() if inputs.get(px) is not None}
+
+    def encode_kind(self, pixels, grid_thw, needs, policy, kind:str)->list:
+        "`ImageTokens` of every image (or, `kind=\"video\"`, every clip) of one pixel input; the hook Qwen2-VL/Qwen3-VL override."
+        sal_layer = policy.saliency_layer if "saliency" in needs else None
+        feats, grids, sal = qwen_vision_tokens(self.model, pixels, grid_thw, saliency_layer=sal_layer,
+                                               chunk_size=self.chunk_size, video=kind == "video")
+        return [ImageTokens(f, grid=g, saliency=None if sal is None else sal[i], kind=kind)
+                for i, (f, g) in enumerate(zip(feats, grids))]
 
     def encode(self, inputs, needs, policy):
-        sal_layer = policy.saliency_layer if "saliency" in needs else None
-        feats, grids, sal = qwen_vision_tokens(self.model, inputs["pixel_values"], inputs["image_grid_thw"],
-                                               saliency_layer=sal_layer, chunk_size=self.chunk_size)
-        return [ImageTokens(f, grid=g, saliency=None if sal is None else sal[i]) for i, (f, g) in enumerate(zip(feats, grids))]
+        return [t for kind, (px, grid) in self._KINDS.items() if inputs.get(px) is not None
+                for t in self.encode_kind(inputs[px], inputs[grid], needs, policy, kind)]
 
     def positions(self, inputs, ids, am):
-        pos, _ = qwen_positions(self.model, ids, inputs["image_grid_thw"], am, inputs.get("mm_token_type_ids"))
+        pos, _ = qwen_positions(self.model, ids, inputs.get("image_grid_thw"), am, inputs.get("mm_token_type_ids"),
+                                video_grid_thw=inputs.get("video_grid_thw"), second_per_grid_ts=inputs.get("second_per_grid_ts"))
         self._max_pos = pos.amax((0, 2))                               # [B] original maximum position per row
         return {"_mrope": pos.permute(1, 2, 0)}                        # [B, L, 3]: shortened with the rows
 

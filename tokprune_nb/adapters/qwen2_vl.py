@@ -34,25 +34,26 @@ def full_attention_tokens(
     image_grid_thw:Tensor,        # [n_images, 3] (t, h, w) in patches
     saliency_layer:int|None=None, # vision block for saliency; None = no saliency
     chunk_size:int|None=None,     # queries per chunk for attention received; None: about 1M attention entries per chunk
-)->tuple:                         # (get_image_features output, grids [(h/m, w/m)], saliencies [N_i] per image or None)
-    "Run the vision tower once; the model's own `get_image_features` output, the merged grids and (optionally) saliency."
+    video:bool=False,             # True: `pixel_values_videos` / `video_grid_thw`; grids are then (t, h/m, w/m)
+)->tuple:                         # (get_image/video_features output, grids [(h/m, w/m)], saliencies [N_i] per image or None)
+    "Run the vision tower once; the model's own `get_image_features` (`get_video_features`) output, the merged grids and (optionally) saliency."
     inner = getattr(model, "model", model)
     visual, m = inner.visual, inner.visual.spatial_merge_size
-    if bool((image_grid_thw[:, 0] != 1).any()):
-        raise ValueError("`image_grid_thw` has t > 1: only still images are supported (videos are not pruned)")
-    grids = [(int(h) // m, int(w) // m) for _, h, w in image_grid_thw.tolist()]
+    if not video and bool((image_grid_thw[:, 0] != 1).any()):
+        raise ValueError("`image_grid_thw` has t > 1: only still images go here (videos: `video=True` with `video_grid_thw`)")
+    grids = [((int(t),) if video else ()) + (int(h) // m, int(w) // m) for t, h, w in image_grid_thw.tolist()]
     cap, handles = {}, []
     if saliency_layer is not None:
         attn = visual.blocks[full_attention_block(visual.config, saliency_layer)].attn
         def _rope(mod, args, kwargs): cap["pe"] = kwargs["position_embeddings"]
         def _qkv(mod, args, out): cap["qkv"] = out
         handles = [attn.register_forward_pre_hook(_rope, with_kwargs=True), attn.qkv.register_forward_hook(_qkv)]
-    try: out = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    try: out = (inner.get_video_features if video else inner.get_image_features)(pixel_values, image_grid_thw, return_dict=True)
     finally:
         for h in handles: h.remove()
     if saliency_layer is None: return out, grids, None
     rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision     # the block's own (transformers 5.x)
-    sizes = image_grid_thw.prod(-1).tolist()
+    sizes = [int(h * w) for t, h, w in image_grid_thw.tolist() for _ in range(int(t))]   # per frame: blocks attend within a frame
     qkv = cap["qkv"].detach()
     q, k, _ = qkv.reshape(qkv.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = rotary(q, k, *cap["pe"])
@@ -61,7 +62,7 @@ def full_attention_tokens(
     per_patch = torch.cat([cls_attention_scores(qi, ki, has_cls=False, scale=attn.scaling, chunk_size=chunk(qi.shape[1]))
                            for qi, ki in zip(q.split(sizes, 1), k.split(sizes, 1))])
     per_merged = per_patch.view(-1, m * m).mean(-1)
-    return out, grids, list(per_merged.split([s // (m * m) for s in sizes]))
+    return out, grids, list(per_merged.split((image_grid_thw.prod(-1) // (m * m)).tolist()))
 
 # %% ../../nbs/adapters/qwen2_vl.ipynb #e580fa0e
 def qwen2_vl_7b_config():
@@ -80,12 +81,12 @@ def qwen2_vl_7b_config():
 @register_adapter("Qwen2VLForConditionalGeneration", name="qwen2-vl", tiny=tiny_qwen2_vl, inputs=tiny_qwen_inputs,
                   mid=mid_qwen2_vl, mid_image_size=672, offline=qwen2_vl_offline, flop_parts=QWEN_PARTS,
                   published={"qwen2-vl-7b": Published(qwen2_vl_7b_config, 672, 576, 0, "Qwen/Qwen2-VL-7B-Instruct")},
-                  doc="full-attention ViT + 2×2 merger · attention received at the requested block · no CLIP term · M-RoPE · images")
+                  doc="full-attention ViT + 2×2 merger · attention received at the requested block · no CLIP term · M-RoPE · images, videos")
 class Qwen2VLAdapter(Qwen2_5_VLAdapter):
-    "Prunes the image tokens of `Qwen2VLForConditionalGeneration`: Qwen2.5-VL's adapter with a window-free tower."
-    def encode(self, inputs, needs, policy):
+    "Prunes the image and video tokens of `Qwen2VLForConditionalGeneration`: Qwen2.5-VL's adapter with a window-free tower."
+    def encode_kind(self, pixels, grid_thw, needs, policy, kind):
         sal_layer = policy.saliency_layer if "saliency" in needs else None
-        out, grids, sal = full_attention_tokens(self.model, inputs["pixel_values"], inputs["image_grid_thw"],
-                                                saliency_layer=sal_layer, chunk_size=self.chunk_size)
-        return [ImageTokens(f, grid=g, saliency=None if sal is None else sal[i])
+        out, grids, sal = full_attention_tokens(self.model, pixels, grid_thw, saliency_layer=sal_layer,
+                                                chunk_size=self.chunk_size, video=kind == "video")
+        return [ImageTokens(f, grid=g, saliency=None if sal is None else sal[i], kind=kind)
                 for i, (f, g) in enumerate(zip(out.pooler_output, grids))]

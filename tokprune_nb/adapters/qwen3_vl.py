@@ -39,15 +39,15 @@ QWEN3_PARTS = {"vision": QWEN_PARTS["vision"] + [(p, -1) for p, _ in _DEEPSTACK]
                   mid=mid_qwen3_vl, mid_image_size=768, offline=qwen3_vl_offline, flop_parts=QWEN3_PARTS,
                   published={"qwen3-vl-8b": Published(qwen3_vl_8b_config, 768, 576, 0, "Qwen/Qwen3-VL-8B-Instruct")},
                   doc="full-attention ViT + 2×2 merger + DeepStack (same kept tokens at every level) · attention received "
-                      "at the requested block · no CLIP term · interleaved M-RoPE · images")
+                      "at the requested block · no CLIP term · interleaved M-RoPE · images, videos")
 class Qwen3VLAdapter(Qwen2VLAdapter):
     "Prunes the image tokens of `Qwen3VLForConditionalGeneration`; every DeepStack level keeps the same tokens."
-    def encode(self, inputs, needs, policy):
+    def encode_kind(self, pixels, grid_thw, needs, policy, kind):
         sal_layer = policy.saliency_layer if "saliency" in needs else None
-        out, grids, sal = full_attention_tokens(self.model, inputs["pixel_values"], inputs["image_grid_thw"],
-                                                saliency_layer=sal_layer, chunk_size=self.chunk_size)
+        out, grids, sal = full_attention_tokens(self.model, pixels, grid_thw, saliency_layer=sal_layer,
+                                                chunk_size=self.chunk_size, video=kind == "video")
         levels = out.deepstack_features or []                           # [levels][images] -> [N_i, D]
-        return [ImageTokens(f, grid=g, saliency=None if sal is None else sal[i],
+        return [ImageTokens(f, grid=g, saliency=None if sal is None else sal[i], kind=kind,
                             extra={"deepstack": [lvl[i] for lvl in levels]})
                 for i, (f, g) in enumerate(zip(out.pooler_output, grids))]
 
