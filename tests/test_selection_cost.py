@@ -70,3 +70,90 @@ def test_sync_free_path_selects_the_same_tokens(name):
         with gpu_path(False): cpu = pol(ts)
         with gpu_path(): gpu = pol(ts)
         assert torch.equal(cpu, gpu), (name, keep)
+
+
+CAPTURE_NAMES = sorted(POLICIES) + ['zspaprune-maxmin']
+
+
+def _compiled_indices(name, backend, keep=0.25, dim=32):
+    from tokprune_nb.measure.selection_speed import _cost_policies
+    ts = synthetic_tokenset(64, dim, n_clusters=4)
+    pol = _cost_policies()[name](keep)
+    eager = pol(ts)
+    torch._dynamo.reset()
+    return eager, torch.compile(lambda t: pol(t), fullgraph=True, backend=backend)(ts)
+
+
+@pytest.mark.parametrize('name', CAPTURE_NAMES)
+def test_every_policy_traces_as_one_graph(name):
+    """`torch.compile(lambda ts: policy(ts), fullgraph=True)` traces every policy without a graph break (the sync-free
+    path, random draws as trace-time constants) and the traced graph selects what eager does. `aot_eager` runs the
+    traced graph with eager kernels: seconds per policy, where inductor's code generation takes minutes on 2 cores."""
+    eager, out = _compiled_indices(name, 'aot_eager')
+    assert torch.equal(eager, out), (name, eager, out)
+
+
+@pytest.mark.parametrize('name', ['kmeans', 'zspaprune'])
+def test_sketched_kmeans_traces_as_one_graph(name):
+    "D > init_dim: k-means++ seeds on a random sketch, whose signs are drawn at trace time too."
+    eager, out = _compiled_indices(name, 'aot_eager', dim=288)
+    assert torch.equal(eager, out), (name, eager, out)
+
+
+def test_inductor_compiles_a_greedy_loop_to_the_same_indices():
+    """One policy end to end through inductor (the backend CUDA graphs use): greedy max-min, same indices as eager.
+    (k-means under inductor: its fused kernels round distances differently, and one of 16 picks can move.)"""
+    eager, out = _compiled_indices('zspaprune-maxmin', None)
+    assert torch.equal(eager, out), (eager, out)
+
+
+def test_capture_routing_on_cuda(monkeypatch):
+    """The routing of the captured form, with a faked CUDA device check (no GPU here): unpadded CUDA selections go
+    through one cached compiled function per (policy, budget, shapes); opt-outs, padded batches and the CPU do not."""
+    from tokprune_nb import policies as P
+    from tokprune_nb import TokenSet
+    calls = []
+    def fake_compile(fn):
+        calls.append(fn)
+        def run(t): run.n += 1; return fn(t)
+        run.n = 0
+        return run
+    monkeypatch.setattr(P, '_compile', fake_compile)
+    monkeypatch.setattr(P, '_CAPTURED', {})
+    ts = synthetic_tokenset(64, 32, n_clusters=4)
+    pol = P.DivPrune(0.25)
+    want = pol(ts)                                           # CPU: eager, nothing compiled
+    assert not calls and not P._CAPTURED
+    monkeypatch.setattr(P, '_is_cuda', lambda device: True)  # a CUDA TokenSet, as far as the routing can tell
+    assert torch.equal(pol(ts), want) and len(calls) == 1
+    assert torch.equal(pol(ts), want) and len(calls) == 1    # cached: the same shapes and budget reuse the graph
+    (fn,) = P._CAPTURED.values(); assert fn.n == 2
+    P.DivPrune(0.5)(ts); pol(synthetic_tokenset(100, 32, n_clusters=4))
+    assert len(calls) == 3                                   # another budget, another shape: another graph
+    P.DivPrune(1.0)(ts); assert len(calls) == 3              # keep everything: no selection at all
+    off = P.DivPrune(0.25); off.capture = False
+    assert torch.equal(off(ts), want) and fn.n == 2          # per-policy opt-out
+    monkeypatch.setattr(P, 'CAPTURE', False)
+    assert torch.equal(pol(ts), want) and fn.n == 2          # module-wide opt-out (env TOKPRUNE_CAPTURE=0)
+    monkeypatch.setattr(P, 'CAPTURE', True)
+    m = torch.ones(1, 64, dtype=torch.bool); m[0, 60:] = False
+    pol(TokenSet(ts.feats, mask=m)); assert len(calls) == 3  # a padded batch: eager, image by image
+    def broken(fn):
+        def run(t): raise RuntimeError('no graph')
+        return run
+    monkeypatch.setattr(P, '_compile', broken); monkeypatch.setattr(P, '_CAPTURED', {})
+    with pytest.warns(UserWarning, match='running eagerly'): assert torch.equal(pol(ts), want)
+    assert list(P._CAPTURED.values()) == [None]              # failed once: eager from then on, no retry
+
+
+def test_captured_cost_counts_one_graph_and_no_syncs():
+    """Captured: one graph replay plus a per-node floor, no syncs; `--capture/--no-capture` switch the records."""
+    from tokprune_nb.measure.selection_speed import GRAPH_LAUNCH_US, GRAPH_NODE_US
+    assert est_gpu_ms(1000, 5, 0, captured=True) == pytest.approx((GRAPH_LAUNCH_US + 1000 * GRAPH_NODE_US) / 1e3)
+    assert est_gpu_ms(1000, 5, 0, captured=True) < est_gpu_ms(1000, 5, 0)
+    for cap in (True, False):
+        recs = cost_model(archs=('llava-1.5-7b',), keeps=(1.0, 0.25), policies=('kmeans', 'divprune'), progress=False,
+                          capture=cap)
+        assert all(FIELDS <= set(r) and 'captured' in r for r in recs)
+        assert [r['captured'] for r in recs] == [False, cap, False, cap]   # keep everything: no selection, no graph
+        if cap: assert all(r['syncs'] == 0 for r in recs)                 # the traced path cannot sync

@@ -24,6 +24,7 @@ def sync_free(device)->bool:
     """Whether selection on `device` takes the path without host syncs: no early exits (a fixed iteration count;
     stopped images are frozen by masks, so the result is the same) and no data-dependent shortcuts. On a CPU a sync
     costs nothing and the early exits save work, so the CPU keeps them unless `gpu_path()` says otherwise."""
+    if torch.compiler.is_compiling(): return True   # the path that is traced and captured (see `capturable`)
     return torch.device(device).type != 'cpu' if _SYNC_FREE is None else _SYNC_FREE
 
 @contextmanager
@@ -60,7 +61,7 @@ def _check_points(x, mask=None, name:str='x'):
 def _sq_norms(X:Tensor, name:str='x', check:bool=True)->Tensor:
     "Squared row norms `[B,N]` of `X [B,N,D]`; raises if `X` holds NaN/inf (or values too large to square) when `check`."
     xn = torch.linalg.vector_norm(X, dim=-1).square_()
-    if check and not bool(torch.isfinite(xn).all()):
+    if check and not torch.compiler.is_compiling() and not bool(torch.isfinite(xn).all()):
         raise ValueError(f"`{name}` contains NaN or inf values (or values too large to square in {X.dtype})")
     return xn
 
@@ -72,6 +73,7 @@ def _aligned(t:Tensor)->Tensor:
     """`t`, or a copy with the same strides at a fresh address when its data is not 64-byte aligned: BLAS picks its
     code path by the data's alignment too, so the same values at another address (image 1 of a batch whose
     `N*D` is not a multiple of 16, a view) could round differently."""
+    if torch.compiler.is_compiling(): return t     # no data pointers in a traced graph (the compiler picks its own kernels)
     return t if t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.preserve_format)
 
 def _bmm(A:Tensor, B_:Tensor)->Tensor:
@@ -87,11 +89,16 @@ def _baddbmm(C:Tensor, A:Tensor, B_:Tensor, alpha:float)->Tensor:
     out = [torch.baddbmm(C[b:b+1], _aligned(A[b:b+1]), _aligned(B_[b:b+1]), alpha=alpha) for b in range(A.shape[0])]
     return out[0] if len(out) == 1 else torch.cat(out)
 
+@torch.compiler.assume_constant_result
+def _key_weights(D:int)->Tensor:
+    "The fixed random projection of `_row_keys` (float64, CPU): drawn at trace time, a constant of a compiled graph."
+    return torch.randn(D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
 def _row_keys(X:Tensor)->Tensor:
     """`[B,N]` keys of the rows of `X [B,N,D]`: a fixed random projection, as products summed over D a chunk of rows
     at a time (torch's own reduction, the same for every row), so equal rows get bit-identical keys."""
     B, N, D = X.shape
-    w = torch.randn(D, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(X.device, X.dtype)
+    w = _key_weights(D).to(X.device, X.dtype)
     out, rows = X.new_empty(B, N), max(1, min(N, (1 << 19) // D))
     buf = X.new_empty(rows, D)
     for b in range(B):
@@ -154,12 +161,12 @@ def _tiny(dtype)->float:
     "Below this a potential counts as zero (all points on centres): normal-range floats with relative rounding."
     fi = torch.finfo(dtype); return fi.tiny / fi.eps
 
-# %% ../nbs/02_diversity.ipynb #ece1c266
-def _sketch(X:Tensor, m:int, g:torch.Generator)->Tensor:
+# %% ../nbs/02_diversity.ipynb #01428c8e
+def _sketch(X:Tensor, m:int, g:torch.Generator|None, s:Tensor|None=None)->Tensor:
     "Sketch `X [B,N,D]` to `[B,N,m]`: cut the features into `q = ceil(D/m)` chunks of `m`, add them with random signs."
     B, N, D = X.shape
     q = -(-D // m)
-    s = torch.randint(0, 2, (q,), generator=g, device=X.device).to(X.dtype).mul_(2).sub_(1)
+    if s is None: s = _signs(q, g, X.device, X.dtype)    # or given: drawn outside a traced graph (`_seed_draws`)
     if D % m: X = F.pad(X, (0, q * m - D))
     out = [torch.matmul(s, _aligned(X[b]).reshape(N, q, m)) for b in range(B)]   # per image, aligned: see `_bmm`
     return (out[0] if B == 1 else torch.cat(out)).view(B, N, m)
@@ -197,14 +204,28 @@ def _kmeanspp(X:Tensor, xn:Tensor, valid:Tensor, u:Tensor)->Tensor:
         idx[:, c] = cand[ar, best]
     return idx
 
-# %% ../nbs/02_diversity.ipynb #fb446ac2
+# %% ../nbs/02_diversity.ipynb #517703e7
+def _signs(q:int, g:torch.Generator, device, dtype)->Tensor:
+    "`q` random signs (+-1) from `g`: the sketch's."
+    return torch.randint(0, 2, (q,), generator=g, device=device).to(dtype).mul_(2).sub_(1)
+
+@torch.compiler.assume_constant_result
+def _seed_draws(seed:int, k:int, L:int, q:int, device:str, dtype)->tuple:
+    """The random numbers of one k-means run, from one generator seeded with `seed` on `device`: the uniforms `[k,L]`
+    of the seeding, then `q` sketch signs (none when `q == 0`). A function of its arguments alone, so a compiled graph
+    draws them once, at trace time, as constants (a generator cannot live inside a captured graph)."""
+    g = torch.Generator(device=device); g.manual_seed(seed)
+    u = _uniforms(k, L, g, device, dtype)
+    return u, (_signs(q, g, device, dtype) if q else None)
+
 def _cluster_sums(X:Tensor, Xf:Tensor, a:Tensor, valid:Tensor, k:int, buf:Tensor, onehot:bool|None=None)->tuple:
     "Per-cluster sums into `buf [B*k+1, D]` (last row: scratch for padding) and counts `[B,k,1]`."
     B, N, D = X.shape
     if not (X.device.type != 'cpu' if onehot is None else onehot):
         flat = torch.where(valid, a + (torch.arange(B, device=X.device) * k).unsqueeze(1), B * k).view(-1)
         buf.zero_().index_add_(0, flat, Xf)
-        cnt = torch.bincount(flat, minlength=B * k + 1)[:-1].view(B, k, 1)
+        cnt = torch.zeros(B * k + 1, dtype=torch.long, device=X.device).index_add_(0, flat, torch.ones_like(flat))
+        cnt = cnt[:-1].view(B, k, 1)                               # (bincount: an output shape that depends on the data)
     else:  # deterministic on accelerators, where index_add_ uses atomics
         oh = (a.unsqueeze(1) == torch.arange(k, device=X.device).view(1, k, 1)) & valid.unsqueeze(1)
         buf[:-1].view(B, k, D).copy_(_bmm(oh.to(X.dtype), X))
@@ -244,11 +265,11 @@ def _lloyd(X:Tensor, xn:Tensor, mb:Tensor, k:int, iters:int, seed:int, tol:float
     "k-means on validated `X [B,N,D]`: centres `[B,k,D]`, assignments `[B,N]`, and `|c|^2 - 2 c.x` `[B,k,N]` for them."
     B, N, D = X.shape
     sf = sync_free(X.device)
-    g = torch.Generator(device=X.device); g.manual_seed(seed)
-    u = _uniforms(k, n_trials or 2 + int(math.log(k)), g, X.device, X.dtype)      # shared by all images
-    if init_dim is not None and D > init_dim:
-        Y = _sketch(X, init_dim, g)
-        C = _gather_rows(X, _kmeanspp(Y, _sq_norms(Y), mb, u))
+    L, sk = n_trials or 2 + int(math.log(k)), init_dim is not None and D > init_dim
+    u, signs = _seed_draws(seed, k, L, -(-D // init_dim) if sk else 0, str(X.device), X.dtype)   # shared by all images
+    if sk:
+        Y = _sketch(X, init_dim, None, signs)
+        C = _gather_rows(X, _kmeanspp(Y, _sq_norms(Y, check=False), mb, u))   # X is checked: no second sync
     else: C = _gather_rows(X, _kmeanspp(X, xn, mb, u))
     if tol > 0:
         nvf = mb.sum(1).to(X.dtype)
@@ -327,14 +348,17 @@ def _unique_nearest(d:Tensor)->Tensor:
     `(d, row, column)`. Overwrites `d`."""
     B, k, N = d.shape
     out = d.argmin(-1)
-    s = out.sort(1).values
-    if k == 1 or not bool((s[:, 1:] == s[:, :-1]).any()): return out   # every row's nearest column is its own
+    if k == 1: return out
+    fixed = torch.compiler.is_compiling()                       # traced: k rounds (each takes >= 1 pair), no early exit
+    if not fixed:
+        s = out.sort(1).values
+        if not bool((s[:, 1:] == s[:, :-1]).any()): return out  # every row's nearest column is its own
     # Greedy matching in rounds: a pair (c, t) where t is c's nearest free column and c is t's nearest open row
     # is one the one-pair-at-a-time greedy takes too (ties: lower index first, as argmin does); take all such
     # pairs at once, close their rows and columns, repeat (usually a few rounds, not k).
     ck = torch.arange(k, device=d.device)
     open_ = torch.ones(B, k, dtype=torch.bool, device=d.device)
-    while bool(open_.any()):
+    for _ in (range(k) if fixed else iter(lambda: bool(open_.any()), False)):
         row = d.argmin(-1)                                       # [B,k] nearest free column of each row
         take = (d.argmin(1).gather(1, row) == ck) & open_          # ... whose nearest open row it is
         out = torch.where(take, row, out)

@@ -114,6 +114,10 @@ def clip_similarity_scores(
     if clip_text.shape[:-1] != clip_feats.shape[:-2] or clip_text.shape[-1] != clip_feats.shape[-1]:
         raise ValueError(f"`clip_text` {tuple(clip_text.shape)} must match `clip_feats` {tuple(clip_feats.shape)} in batch size and C")
     if sign not in (1, -1) or isinstance(sign, bool): raise ValueError(f"`sign` must be 1 or -1, got {sign!r}")
+    return _clip_sim(clip_feats, clip_text, sign)
+
+def _clip_sim(clip_feats:Tensor, clip_text:Tensor, sign:int=1)->Tensor:
+    "`clip_similarity_scores` without the argument checks (no host sync), for the fields of a validated TokenSet."
     # products summed over C, one reduction per token on contiguous rows: identical patches score identically, and an
     # image scores the same alone and in a batch (see `relevance_scores`)
     cf, ct = clip_feats.float().contiguous(), clip_text.float().contiguous()
@@ -150,7 +154,12 @@ def hybrid_scores(
     check_tensor(relevance, 'relevance', (1, 2)); check_tensor(saliency, 'saliency', (relevance.dim(),))
     if relevance.shape != saliency.shape:
         raise ValueError(f"`relevance` {tuple(relevance.shape)} and `saliency` {tuple(saliency.shape)} must have the same shape")
-    return alpha * minmax_normalize(relevance, mask) + (1 - alpha) * minmax_normalize(saliency, mask)
+    check_mask(mask, 'mask', tuple(relevance.shape))
+    return _hybrid(relevance, saliency, alpha, mask)
+
+def _hybrid(relevance:Tensor, saliency:Tensor, alpha:float=0.5, mask:Tensor=None)->Tensor:
+    "`hybrid_scores` without the argument checks (no host sync): capturable, for the fields of a validated TokenSet."
+    return alpha * _minmax(relevance, mask) + (1 - alpha) * _minmax(saliency, mask)
 
 def check_alpha(alpha, name:str='alpha'):
     "Raise unless `alpha` is a real number in [0, 1]."

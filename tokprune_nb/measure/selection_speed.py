@@ -11,9 +11,9 @@ from ..policies import POLICIES
 from ..diversity import gpu_path
 
 # %% auto #0
-__all__ = ['LAUNCH_US', 'SYNC_US', 'H200_PEAK_BF16', 'H200_PEAK_FP32', 'PEAK_FRACTION', 'COST_ARCHS', 'SYNC_OPS',
-           'synthetic_tokenset', 'time_policy', 'selection_benchmark', 'count_launches_syncs', 'count_flops',
-           'prefill_ms', 'est_gpu_ms', 'cost_model', 'main']
+__all__ = ['LAUNCH_US', 'SYNC_US', 'H200_PEAK_BF16', 'H200_PEAK_FP32', 'PEAK_FRACTION', 'GRAPH_LAUNCH_US', 'GRAPH_NODE_US',
+           'COST_ARCHS', 'SYNC_OPS', 'synthetic_tokenset', 'time_policy', 'selection_benchmark', 'count_launches_syncs',
+           'count_flops', 'prefill_ms', 'est_gpu_ms', 'cost_model', 'main']
 
 # %% ../../nbs/measure/selection_speed.ipynb #54d3d07b
 def synthetic_tokenset(
@@ -86,6 +86,8 @@ SYNC_US = 20.0           # µs per host sync (drain + device-to-host copy + lost
 H200_PEAK_BF16 = 989e12  # FLOP/s, dense bf16 tensor cores (H200 SXM): the 7B prefill
 H200_PEAK_FP32 = 67e12   # FLOP/s, fp32 without tensor cores: the selection's float32 arithmetic
 PEAK_FRACTION = 0.5      # share of peak reached, for both
+GRAPH_LAUNCH_US = 15.0   # µs per CUDA-graph replay (cudaGraphLaunch + compiled wrapper + static-input copies)
+GRAPH_NODE_US = 1.0      # µs of GPU time per kernel node inside a graph (launch latency of a tiny kernel)
 COST_ARCHS = ('llava-1.5-7b', 'llava-next-7b', 'qwen2.5-vl-7b')   # N = 576, 2880, 576 (Qwen2.5-VL at 672²)
 
 # ops that only build metadata: no kernel on a GPU
@@ -144,12 +146,24 @@ def prefill_ms(arch:str)->float:
     macs = analytic_prefill_flops(ARCH_CONFIGS[arch](), reference_seq_len(arch, 1.0)[1], lm_head_tokens=1)
     return 2 * macs / (PEAK_FRACTION * H200_PEAK_BF16) * 1e3
 
-def est_gpu_ms(launches:int, syncs:int, flops:int)->float:
-    "The cost model: launches and syncs at their per-event cost plus fp32 FLOPs at `PEAK_FRACTION` of peak, in ms."
-    return (launches * LAUNCH_US + syncs * SYNC_US) / 1e3 + flops / (PEAK_FRACTION * H200_PEAK_FP32) * 1e3
+def est_gpu_ms(launches:int, syncs:int, flops:int, captured:bool=False)->float:
+    """The cost model, in ms: eager, launches and syncs at their per-event cost; captured, one graph replay plus
+    `GRAPH_NODE_US` per kernel node (a captured graph has no syncs); both plus fp32 FLOPs at `PEAK_FRACTION` of peak."""
+    t = flops / (PEAK_FRACTION * H200_PEAK_FP32) * 1e3
+    if captured: return t + (GRAPH_LAUNCH_US + launches * GRAPH_NODE_US) / 1e3
+    return t + (launches * LAUNCH_US + syncs * SYNC_US) / 1e3
 
-def cost_model(archs=COST_ARCHS, keeps=(1.0, 0.25, 0.111), policies=None, progress:bool=True)->list:
-    "One record per (arch, policy, keep): launches, syncs, flops, est_gpu_ms and gpu_share of the unpruned 7B prefill."
+class _as_traced:
+    "Within the block the selection runs the path `torch.compile` traces (`torch.compiler.is_compiling()` is True)."
+    def __enter__(self):
+        self.orig = torch.compiler.is_compiling; torch.compiler.is_compiling = lambda: True
+    def __exit__(self, *a): torch.compiler.is_compiling = self.orig
+
+def cost_model(archs=COST_ARCHS, keeps=(1.0, 0.25, 0.111), policies=None, progress:bool=True, capture:bool|None=None)->list:
+    """One record per (arch, policy, keep): launches, syncs, flops, est_gpu_ms and gpu_share of the unpruned 7B prefill.
+    `capture`: count selections as captured CUDA graphs; None: what the package does on CUDA (`policies.CAPTURE`)."""
+    from tokprune_nb import policies as P
+    if capture is None: capture = P.CAPTURE
     from tokprune_nb.measure.flops import ARCH_CONFIGS, REFERENCE_TOKENS, text_config
     from tqdm.auto import tqdm
     pols = _cost_policies()
@@ -163,13 +177,17 @@ def cost_model(archs=COST_ARCHS, keeps=(1.0, 0.25, 0.111), policies=None, progre
         for name in tqdm(names, desc=arch, disable=not progress):
             for keep in keeps:
                 pol = pols[name](keep)
+                cap = bool(capture and pol.capture and pol.budget(n) < n)   # keep everything: no selection, no graph
                 with gpu_path():                             # count what a GPU runs (`diversity.sync_free`)
                     flops = count_flops(pol, ts)             # also the warm-up call
-                    launches, syncs = count_launches_syncs(pol, ts)
-                ms = est_gpu_ms(launches, syncs, flops)
+                    if cap:
+                        with _as_traced(): launches, syncs = count_launches_syncs(pol, ts)
+                    else: launches, syncs = count_launches_syncs(pol, ts)
+                ms = est_gpu_ms(launches, syncs, flops, cap)
                 rows.append(dict(arch=arch, policy=name, keep=keep, n_tokens=n, dim=D, kept=pol.budget(n),
                                  launches=launches, syncs=syncs, flops=flops, est_gpu_ms=round(ms, 4),
-                                 prefill_ms=round(pre, 3), gpu_share=round(ms / pre, 5), mode='eager'))
+                                 prefill_ms=round(pre, 3), gpu_share=round(ms / pre, 5),
+                                 mode='captured' if cap else 'eager', captured=cap))
     return rows
 
 # %% ../../nbs/measure/selection_speed.ipynb #2c107cd4
@@ -187,6 +205,9 @@ def main(argv:list=None)->int:
                    'the H200 time as a share of the 7B prefill (one record per arch, policy, keep)')
     p.add_argument('--archs', type=lambda s: tuple(s.split(',')), default=COST_ARCHS,
                    help=f'published 7B geometries for --cost-model (default {",".join(COST_ARCHS)})')
+    p.add_argument('--capture', action=argparse.BooleanOptionalAction, default=None,
+                   help='--cost-model: count selections as captured CUDA graphs (default: what the package does on CUDA, '
+                   'i.e. captured unless TOKPRUNE_CAPTURE=0)')
     p.add_argument('--batch', type=_ints, default=(1, 8), help='comma-separated batch sizes')
     p.add_argument('--policies', type=lambda s: s.split(','), default=None, help=f'comma-separated, from {",".join(POLICIES)}')
     p.add_argument('--repeats', type=int, default=10); p.add_argument('--warmup', type=int, default=2)
@@ -199,11 +220,12 @@ def main(argv:list=None)->int:
                    gpu=torch.cuda.get_device_name() if torch.device(a.device).type == 'cuda' else None)
     if a.cost_model:
         import pandas as pd
-        recs = cost_model(a.archs, a.keep or (1.0, 0.25, 0.111), a.policies)
+        recs = cost_model(a.archs, a.keep or (1.0, 0.25, 0.111), a.policies, capture=a.capture)
         df = pd.DataFrame(recs)
         print(df.pivot_table(index=['policy', 'keep'], columns='arch', values=['launches', 'syncs', 'gpu_share'],
                              sort=False).to_string())
-        machine.update(counted_on=machine['processor'], launch_us=LAUNCH_US, sync_us=SYNC_US,
+        machine.update(counted_on=machine['processor'], launch_us=LAUNCH_US, sync_us=SYNC_US, graph_launch_us=GRAPH_LAUNCH_US,
+                       graph_node_us=GRAPH_NODE_US, estimate='a cost model counted on this CPU, not a GPU measurement',
                        peak_fraction=PEAK_FRACTION, h200_peak_bf16=H200_PEAK_BF16, h200_peak_fp32=H200_PEAK_FP32)
     else:
         df = selection_benchmark(a.n_tokens, a.dim, a.keep or (0.1, 0.25, 0.5), a.batch, a.policies, a.repeats, a.warmup, a.device)
