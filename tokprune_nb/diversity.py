@@ -161,7 +161,11 @@ def _tiny(dtype)->float:
     "Below this a potential counts as zero (all points on centres): normal-range floats with relative rounding."
     fi = torch.finfo(dtype); return fi.tiny / fi.eps
 
-# %% ../nbs/02_diversity.ipynb #01428c8e
+# %% ../nbs/02_diversity.ipynb #6bee290e
+def _signs(q:int, g:torch.Generator, device, dtype)->Tensor:
+    "`q` random signs (+-1) from `g`: the sketch's."
+    return torch.randint(0, 2, (q,), generator=g, device=device).to(dtype).mul_(2).sub_(1)
+
 def _sketch(X:Tensor, m:int, g:torch.Generator|None, s:Tensor|None=None)->Tensor:
     "Sketch `X [B,N,D]` to `[B,N,m]`: cut the features into `q = ceil(D/m)` chunks of `m`, add them with random signs."
     B, N, D = X.shape
@@ -204,11 +208,7 @@ def _kmeanspp(X:Tensor, xn:Tensor, valid:Tensor, u:Tensor)->Tensor:
         idx[:, c] = cand[ar, best]
     return idx
 
-# %% ../nbs/02_diversity.ipynb #517703e7
-def _signs(q:int, g:torch.Generator, device, dtype)->Tensor:
-    "`q` random signs (+-1) from `g`: the sketch's."
-    return torch.randint(0, 2, (q,), generator=g, device=device).to(dtype).mul_(2).sub_(1)
-
+# %% ../nbs/02_diversity.ipynb #9ec496eb
 @torch.compiler.assume_constant_result
 def _seed_draws(seed:int, k:int, L:int, q:int, device:str, dtype)->tuple:
     """The random numbers of one k-means run, from one generator seeded with `seed` on `device`: the uniforms `[k,L]`
