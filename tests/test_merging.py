@@ -104,3 +104,45 @@ def test_tokenset_merging_fields_validated():
     from tokprune_nb.core import TokenSet
     with pytest.raises(ValueError, match="`keys`"): TokenSet(torch.randn(10, 4), keys=torch.randn(9, 2))
     with pytest.raises(ValueError, match="`vision_feats`"): TokenSet(torch.randn(10, 4), vision_feats=torch.randn(10, 2) * float("nan"))
+
+
+@pytest.mark.parametrize("builder", ["tiny_llava", "mid"])
+def test_visionzip_end_to_end_on_llava(builder):
+    """Through pruned(...): the LM gets k tokens per image; dominant ones are the unpruned features, merged ones are the
+    projector applied to VisionZip's merge of the layer's hidden states (a reference recomputed here)."""
+    from tokprune_nb.testing.tiny import tiny_llava, tiny_inputs
+    from tokprune_nb.inject import pruned, last_selection
+    from tokprune_nb.merging import VisionZip
+    from tokprune_nb.adapters.llava import tower_saliency, tower_keys
+    model, proc = tiny_llava(image_size=56, patch_size=7) if builder == "mid" else tiny_llava()   # 64 or 16 tokens
+    x = tiny_inputs(proc, ["what is in the image ?", "how many dog are there ?"])
+    got = []
+    h = model.model.register_forward_pre_hook(lambda m, a, kw: got.append(kw["mm_encoder_outputs"]["image"].pooler_output), with_kwargs=True)
+    with torch.no_grad(), pruned(model, VisionZip(0.5)): model(**x)
+    h.remove()
+    sel = last_selection(model)
+    with torch.no_grad():
+        out = model.model.get_image_features(pixel_values=x["pixel_values"], vision_feature_layer=-2,
+                                             vision_feature_select_strategy="default", output_hidden_states=True, return_dict=True)
+        hs, full = out.hidden_states, out.pooler_output
+        tower = model.model.vision_tower
+        sal, keys = tower_saliency(tower, hs, -2, "default"), tower_keys(tower, hs, -2, "default")
+        for b in range(2):
+            n = full[b].shape[0]; k = n // 2
+            slots, f, size = visionzip_reduce(hs[-2][b, 1:], sal[b], keys[b], *VisionZip(0.5).split(k))
+            assert torch.equal(sel[b], slots)
+            want = torch.where((size > 1)[:, None], model.model.multi_modal_projector(f), full[b][slots])
+            torch.testing.assert_close(got[0][b], want, atol=1e-5, rtol=1e-5)
+            merged = size > 1
+            assert merged.any()
+            for row in got[0][b][merged]:                    # a merged token is none of the original tokens
+                assert not any(torch.allclose(row, o, atol=1e-6) for o in full[b])
+
+
+def test_merging_refused_where_the_family_cannot_merge():
+    from tokprune_nb.testing.tiny import tiny_qwen2_5_vl
+    from tokprune_nb.inject import pruned
+    from tokprune_nb.merging import VisionZip
+    model, _ = tiny_qwen2_5_vl()
+    with pytest.raises(ValueError, match="pre-projector"):
+        with pruned(model, VisionZip(0.5)): pass

@@ -34,6 +34,8 @@ class ImageTokens:
     clip_feats: Tensor|None = None  # [N,C] CLIP-space embeddings of the prunable tokens (if needed)
     extra: dict = field(default_factory=dict)   # family data for `kept_slots` (e.g. LLaVA-NeXT's rows)
     kind: str = "image"             # which visual input it came from: a key of `Adapter.visual_inputs()` ("image", "video")
+    vision_feats: Tensor|None = None  # [N,Dv] pre-projector features of the prunable tokens (merging policies)
+    keys: Tensor|None = None        # [N,Dk] head-averaged keys of the saliency layer (VisionZip's metric)
 
     @property
     def candidates(self)->Tensor:
@@ -50,8 +52,8 @@ class Prepared:
     contexts: list = field(default_factory=list)  # context managers entered around the original call
     position_map: Tensor = None  # [B,short_len] original column of each shortened position, -1 = added padding
 
-# %% ../../nbs/adapters/base.ipynb #ff0143fe
-NEEDS = frozenset({"prompt", "saliency", "clip_feats", "clip_text"})
+# %% ../../nbs/adapters/base.ipynb #f105bad4
+NEEDS = frozenset({"prompt", "saliency", "clip_feats", "clip_text", "vision_feats", "keys"})
 
 def policy_needs(policy)->frozenset:
     "The TokenSet fields `policy` needs (`policy.needs`, empty if it has none); `ValueError` on unknown names."
@@ -171,19 +173,50 @@ def check_budget(policy, counts:list):
         try: policy.budget(int(n))
         except ValueError as e: raise ValueError(f"image {i} has {int(n)} visual tokens: {e}") from e
 
-def run_policy(policy, tokensets:list)->list:
-    "Run `policy` on single-image TokenSets (batched when there are several); list of kept indices per image."
+def _check_reduction(r, sel:Tensor, i:int, policy, dims:dict)->tuple:
+    "Validate image `i`'s part of a `Reduction` (features and sizes of its kept slots) as strictly as indices."
+    name = type(policy).__name__
+    k = sel.numel()
+    f, size = r.feats, r.size
+    want = dims.get(r.space)
+    if f.shape != (k, f.shape[-1]) or (want is not None and f.shape[-1] != want):
+        raise ValueError(f"`policy` {name} returned features of shape {tuple(f.shape)} for image {i}; expected ({k}, {want}) "
+                         f"in {r.space!r} space")
+    if not bool(torch.isfinite(f).all()): raise ValueError(f"`policy` {name} returned NaN/inf features for image {i}")
+    if size is not None and (size.shape != (k,) or not bool((size >= 1).all())):
+        raise ValueError(f"`policy` {name} returned sizes {size.tolist()[:10]} for image {i}: one per kept slot, each >= 1")
+    return f, (torch.ones(k) if size is None else size.float()), r.space
+
+def run_policy(policy, tokensets:list, merged:list=None)->list:
+    """Run `policy` on single-image TokenSets (batched when there are several); list of kept indices per image. A policy
+    may return a `merging.Reduction` instead of indices: then `merged` (a list, if given) receives per image
+    `(features [k,D'], size [k], space)` of the kept slots; without `merged` a Reduction is refused."""
+    from tokprune_nb.merging import Reduction
     ns = [ts.feats.shape[-2] for ts in tokensets]
     check_budget(policy, ns)
     with torch.no_grad():
-        if len(tokensets) == 1: out = [policy(tokensets[0])]
-        else:
-            res = policy(TokenSet.stack(tokensets))
-            if not isinstance(res, Tensor) or res.dim() != 2 or res.shape[0] != len(tokensets):
-                raise ValueError(f"`policy` {type(policy).__name__} must return [B,k] indices for a batch of {len(tokensets)}, "
-                                 f"got {getattr(res, 'shape', type(res))}")
-            out = [r[r >= 0] for r in res]
-    return [_check_selection(o.to("cpu"), n, i, policy) for i, (o, n) in enumerate(zip(out, ns))]
+        res = policy(tokensets[0]) if len(tokensets) == 1 else policy(TokenSet.stack(tokensets))
+    red = res if isinstance(res, Reduction) else None
+    if red is not None:
+        if merged is None: raise ValueError(f"`policy` {type(policy).__name__} returned a Reduction where only indices are accepted")
+        res = red.index
+    if len(tokensets) == 1: out = [res]
+    else:
+        if not isinstance(res, Tensor) or res.dim() != 2 or res.shape[0] != len(tokensets):
+            raise ValueError(f"`policy` {type(policy).__name__} must return [B,k] indices for a batch of {len(tokensets)}, "
+                             f"got {getattr(res, 'shape', type(res))}")
+        out = [r[r >= 0] for r in res]
+    sel = [_check_selection(o.to("cpu"), n, i, policy) for i, (o, n) in enumerate(zip(out, ns))]
+    if red is not None:
+        dims = {"llm": tokensets[0].feats.shape[-1],
+                "vision": None if tokensets[0].vision_feats is None else tokensets[0].vision_feats.shape[-1]}
+        for i, s in enumerate(sel):
+            part = type(red)(red.index if not red.batched else red.index[i, :s.numel()],
+                             red.feats if not red.batched else red.feats[i, :s.numel()],
+                             None if red.size is None else (red.size if not red.batched else red.size[i, :s.numel()]), red.space)
+            merged.append(_check_reduction(part, s, i, policy, dims))
+    elif merged is not None: merged.extend([None] * len(sel))
+    return sel
 
 # %% ../../nbs/adapters/base.ipynb #3f4dafe8
 PER_TOKEN_FILL = {"labels": -100, "position_ids": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
@@ -270,9 +303,19 @@ class Adapter:
         "Token ids that are neither prompt text nor prunable (image placeholders, vision markers)."
         return (self.image_token_id,)
 
+    merge_features: bool = False        # True if `encode` can provide `vision_feats` and `keys` and `project` maps them
+
     def check_policy(self, policy)->frozenset:
         "Raise a clear error, before any compute, if this adapter cannot serve `policy`'s needs; returns them."
-        return check_policy_inputs(policy, clip=self.clip, clip_tokenizer=self.clip_tokenizer, tokenizer=self.tokenizer)
+        needs = check_policy_inputs(policy, clip=self.clip, clip_tokenizer=self.clip_tokenizer, tokenizer=self.tokenizer)
+        if needs & {"vision_feats", "keys"} and not self.merge_features:
+            raise ValueError(f"`policy`: {type(policy).__name__} merges pre-projector features, which "
+                             f"{type(self).__name__} does not provide yet (families that do: set `merge_features`)")
+        return needs
+
+    def project(self, vision_feats:Tensor)->Tensor:
+        "Map pre-projector features `[k,Dv]` (a vision-space Reduction's merged tokens) into the LLM input space."
+        raise NotImplementedError(f"{type(self).__name__} cannot project vision-space features")
 
     def check_family_inputs(self, inputs:dict):
         "Family-specific input checks (before any compute)."
@@ -301,6 +344,20 @@ class Adapter:
         image's features at its kept `slots` (`pooler_output`, one `[k_i,D]` per image). A family whose model reads more
         per image (Qwen3-VL's DeepStack levels) gathers that too, with the same slots."""
         return BaseModelOutputWithPooling(pooler_output=[im.packed[s] for im, s in zip(imgs, slots)])
+
+    def _apply_merge(self, im:ImageTokens, kept:Tensor, m)->ImageTokens:
+        """`im` with the merged slots' features replaced (projected first when in vision space); unmerged kept tokens
+        keep their own features, bit for bit. A merged token keeps its target's slot, and so its position."""
+        if m is None: return im
+        f, size, space = m
+        merged = size > 1
+        if not bool(merged.any()): return im
+        new = f[merged].to(im.packed.device)
+        new = self.project(new.to(im.packed.dtype)) if space == "vision" else new
+        packed = im.packed.clone()
+        cand = kept if im.cand is None else im.cand.to(kept.device)[kept]
+        packed[cand[merged.to(kept.device)].to(packed.device)] = new.to(packed.dtype)
+        return ImageTokens(packed, im.cand, im.grid, im.saliency, im.clip_feats, im.extra, im.kind, im.vision_feats, im.keys)
 
     def finish(self, kwargs:dict, short:dict, ids:Tensor, am:Tensor, keep:Tensor, for_generate:bool)->list:
         "Last touches on the LLM call's `kwargs` from the shortened per-token tensors `short`; returns contexts."
@@ -348,8 +405,12 @@ class Adapter:
                                 saliency=None if im.saliency is None else im.saliency.detach().float(),
                                 prompt=None if prompts is None else prompts[r].to(im.packed.device),
                                 clip_feats=None if im.clip_feats is None else im.clip_feats.detach().float(),
-                                clip_text=None if clip_text is None else clip_text[r].to(im.packed.device)))
-        selection = run_policy(policy, tss)
+                                clip_text=None if clip_text is None else clip_text[r].to(im.packed.device),
+                                vision_feats=None if im.vision_feats is None else im.vision_feats.detach().float(),
+                                keys=None if im.keys is None else im.keys.detach().float()))
+        merged = []
+        selection = run_policy(policy, tss, merged)
+        imgs = [self._apply_merge(im, kept, m) for im, kept, m in zip(imgs, selection, merged)]
         keep = ~torch.stack(list(is_vis.values())).any(0)
         place = {kind: [torch.nonzero(m[b]).flatten() for b in range(ids.shape[0])] for kind, m in is_vis.items()}
         offset = {kind: [0] * ids.shape[0] for kind in kinds}; kept_slots = []

@@ -12,7 +12,8 @@ from ..registry import register_adapter, Published
 from ..testing.tiny import tiny_llava, mid_llava, tiny_inputs, llava_offline
 
 # %% auto #0
-__all__ = ['LLAVA_PARTS', 'clip_layer_qk', 'tower_saliency', 'tower_clip_feats', 'llava_1_5_7b_config', 'LlavaAdapter']
+__all__ = ['LLAVA_PARTS', 'clip_layer_qk', 'tower_saliency', 'tower_keys', 'tower_clip_feats', 'llava_1_5_7b_config',
+           'LlavaAdapter']
 
 # %% ../../nbs/adapters/llava.ipynb #7d8e69b6
 def _tower_core(tower): return getattr(tower, "vision_model", tower)
@@ -43,6 +44,15 @@ def tower_saliency(
         s = cls_attention_scores(q, k, has_cls=has_cls, scale=scale)
         if has_cls: s = torch.cat([s.amax(-1, keepdim=True), s], dim=-1)   # CLS slot: max of the patches
     return s[:, 1:] if strategy == "default" else s
+
+def tower_keys(tower, hidden_states:tuple, layer:int, strategy:str)->Tensor:
+    "[crops, tokens, dh] keys of one tower layer averaged over heads (VisionZip's merge metric), for the kept tokens."
+    layers = _tower_core(tower).encoder.layers
+    n = len(layers)
+    if not -n <= layer < n: raise ValueError(f"`saliency_layer` must be in [{-n}, {n}) for a {n}-layer tower, got {layer}")
+    with torch.no_grad(): _, k = clip_layer_qk(layers[layer % n], hidden_states[layer % n])
+    k = k.mean(1)
+    return k[:, 1:] if strategy == "default" else k
 
 def tower_clip_feats(tower, hidden_states:tuple, feature_layer, strategy:str, clip)->Tensor:
     "[crops, tokens, C] CLIP-space embeddings (post_layernorm + `clip.visual_projection`) of the feature layer."
@@ -111,9 +121,23 @@ class LlavaAdapter(Adapter):
         tower = self.model.model.vision_tower
         sal = tower_saliency(tower, hs, policy.saliency_layer, strategy).flatten() if "saliency" in needs else None
         cf = tower_clip_feats(tower, hs, vfl, strategy, self.clip).flatten(0, 1) if "clip_feats" in needs else None
+        vf = ky = None
+        if "vision_feats" in needs:     # the feature layer's hidden states: what the projector turns into `packed`
+            if not isinstance(vfl, int): raise ValueError("`vision_feature_layer`: merging needs a single feature layer, got a list")
+            vf = hs[vfl][:, 1:] if strategy == "default" else hs[vfl]
+            vf = vf.flatten(0, 1)
+        if "keys" in needs: ky = tower_keys(tower, hs, policy.saliency_layer, strategy).flatten(0, 1)
         imgs = []
         for p, (cand, src, grid, extra) in zip(packed, self._layouts(packed, hs, inputs, strategy)):
             imgs.append(ImageTokens(p, cand=cand, grid=grid, extra=extra,
                                     saliency=None if sal is None else sal[src.to(sal.device)],
-                                    clip_feats=None if cf is None else cf[src.to(cf.device)]))
+                                    clip_feats=None if cf is None else cf[src.to(cf.device)],
+                                    vision_feats=None if vf is None else vf[src.to(vf.device)],
+                                    keys=None if ky is None else ky[src.to(ky.device)]))
         return imgs
+
+    merge_features = True
+
+    def project(self, vision_feats):
+        "The model's own multimodal projector (merged VisionZip tokens are formed before it)."
+        return self.model.model.multi_modal_projector(vision_feats)

@@ -158,7 +158,7 @@ class Qwen2_5_VLAdapter(Adapter):
             raise ValueError(f"`policy`: {type(policy).__name__} needs CLIP inputs ({', '.join(sorted(needs & {'clip_feats', 'clip_text'}))}), "
                              f"but {type(self.model).__name__} has no CLIP-space patch embeddings (its vision tower is not a CLIP model); "
                              "use a policy that needs only prompt and/or saliency, e.g. ATP(keep, relevance='prompt')")
-        return needs
+        return super().check_policy(policy)                   # the template's checks (saliency layer, merging support)
 
     def check_family_inputs(self, inputs):
         if inputs.get("position_ids") is not None:
