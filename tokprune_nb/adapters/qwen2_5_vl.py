@@ -13,8 +13,8 @@ from ..registry import register_adapter, Published
 from ..testing.tiny import tiny_qwen2_5_vl, mid_qwen2_5_vl, tiny_qwen_inputs, qwen_offline
 
 # %% auto #0
-__all__ = ['QWEN_PARTS', 'qwen_saliency_block', 'qwen_vision_tokens', 'temporarily', 'qwen_positions', 'generate_position_ids',
-           'qwen2_5_vl_7b_config', 'Qwen2_5_VLAdapter']
+__all__ = ['QWEN_PARTS', 'qwen_saliency_block', 'qwen_tower_pass', 'qwen_vision_tokens', 'temporarily', 'qwen_positions',
+           'generate_position_ids', 'qwen2_5_vl_7b_config', 'Qwen2_5_VLAdapter']
 
 # %% ../../nbs/adapters/qwen2_5_vl.ipynb #838ed245
 def qwen_saliency_block(
@@ -29,7 +29,32 @@ def qwen_saliency_block(
     l = layer % depth
     return min(full, key=lambda b: (abs(b - l), -b))
 
-# %% ../../nbs/adapters/qwen2_5_vl.ipynb #981b7cf8
+# %% ../../nbs/adapters/qwen2_5_vl.ipynb #8c23b653
+def qwen_tower_pass(
+    model,                  # a Qwen-VL `...ForConditionalGeneration` (or its inner model)
+    pixel_values:Tensor,    # image or video patches from the processor
+    grid_thw:Tensor,        # [n, 3] (t, h, w) in patches
+    block:int|None=None,    # vision block whose attention inputs to capture (None: capture nothing)
+    video:bool=False,       # True: the model's `get_video_features`, grids (t, h/m, w/m)
+)->tuple:                   # (features output, merged grids, attention module or None, captured {"pe", "qkv"})
+    "One pass of a Qwen-family tower (the model's own feature method), capturing one block's rotary tables and q/k/v."
+    inner = getattr(model, "model", model)
+    visual, m = inner.visual, inner.visual.spatial_merge_size
+    if not video and bool((grid_thw[:, 0] != 1).any()):
+        raise ValueError("`image_grid_thw` has t > 1: only still images go here (videos: `video=True` with `video_grid_thw`)")
+    grids = [((int(t),) if video else ()) + (int(h) // m, int(w) // m) for t, h, w in grid_thw.tolist()]
+    cap, handles, attn = {}, [], None
+    if block is not None:
+        attn = visual.blocks[block].attn
+        def _rope(mod, args, kwargs): cap["pe"] = kwargs["position_embeddings"]
+        def _qkv(mod, args, out): cap["qkv"] = out
+        handles = [attn.register_forward_pre_hook(_rope, with_kwargs=True), attn.qkv.register_forward_hook(_qkv)]
+    try: out = (inner.get_video_features if video else inner.get_image_features)(pixel_values, grid_thw, return_dict=True)
+    finally:
+        for h in handles: h.remove()
+    return out, grids, attn, cap
+
+# %% ../../nbs/adapters/qwen2_5_vl.ipynb #d6d481eb
 def qwen_vision_tokens(
     model,                        # a `Qwen2_5_VLForConditionalGeneration` (or its inner `Qwen2_5_VLModel`)
     pixel_values:Tensor,          # [P, C*T*14*14] patches from the processor
@@ -42,18 +67,8 @@ def qwen_vision_tokens(
     With `video=True`, per clip: `[t*h/2*w/2, D]` in (t, h, w) raster order, grids `(t, h/2, w/2)`."""
     inner = getattr(model, "model", model)
     visual, m = inner.visual, inner.visual.spatial_merge_size
-    if not video and bool((image_grid_thw[:, 0] != 1).any()):
-        raise ValueError("`image_grid_thw` has t > 1: only still images go here (videos: `video=True` with `video_grid_thw`)")
-    grids = [((int(t),) if video else ()) + (int(h) // m, int(w) // m) for t, h, w in image_grid_thw.tolist()]
-    cap, handles = {}, []
-    if saliency_layer is not None:
-        attn = visual.blocks[qwen_saliency_block(visual.config, saliency_layer)].attn
-        def _rope(mod, args, kwargs): cap["pe"] = kwargs["position_embeddings"]
-        def _qkv(mod, args, out): cap["qkv"] = out
-        handles = [attn.register_forward_pre_hook(_rope, with_kwargs=True), attn.qkv.register_forward_hook(_qkv)]
-    try: out = (inner.get_video_features if video else inner.get_image_features)(pixel_values, image_grid_thw, return_dict=True)
-    finally:
-        for h in handles: h.remove()
+    block = None if saliency_layer is None else qwen_saliency_block(visual.config, saliency_layer)
+    out, grids, attn, cap = qwen_tower_pass(model, pixel_values, image_grid_thw, block, video)
     n_tok = (image_grid_thw.prod(-1) // (m * m)).tolist()
     po = out.pooler_output         # transformers 5.24: split per image; Qwen2.5-VL's video features come unsplit
     feats = list(po.split(n_tok) if isinstance(po, Tensor) else po)
@@ -74,7 +89,7 @@ def qwen_vision_tokens(
     per_merged = per_patch.view(-1, m * m).mean(-1)[torch.argsort(window_index.to(per_patch.device))]
     return feats, grids, list(per_merged.split(n_tok))
 
-# %% ../../nbs/adapters/qwen2_5_vl.ipynb #ebb43a5d
+# %% ../../nbs/adapters/qwen2_5_vl.ipynb #ef78ab5c
 @contextlib.contextmanager
 def temporarily(obj, name:str, value):
     "Set attribute `name` of `obj` to `value` inside the block; restore the previous value (or absence) on exit."
@@ -114,7 +129,7 @@ def generate_position_ids(
     else: idx = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     return torch.cat([idx[None].to(position_ids), position_ids])
 
-# %% ../../nbs/adapters/qwen2_5_vl.ipynb #72a26e05
+# %% ../../nbs/adapters/qwen2_5_vl.ipynb #f3ad954f
 def qwen2_5_vl_7b_config():
     "`Qwen2_5_VLConfig` of Qwen2.5-VL-7B-Instruct (Qwen2-7B-class LLM with GQA 28/4 + 32-block windowed ViT)."
     from transformers import Qwen2_5_VLConfig

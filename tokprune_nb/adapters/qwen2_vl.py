@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from ..scoring import cls_attention_scores
 from .base import ImageTokens
-from .qwen2_5_vl import Qwen2_5_VLAdapter, QWEN_PARTS
+from .qwen2_5_vl import Qwen2_5_VLAdapter, QWEN_PARTS, qwen_tower_pass
 from ..registry import register_adapter, Published
 from ..testing.tiny import tiny_qwen_inputs
 from ..testing.tiny_qwen_vl import tiny_qwen2_vl, mid_qwen2_vl, qwen2_vl_offline
@@ -39,18 +39,8 @@ def full_attention_tokens(
     "Run the vision tower once; the model's own `get_image_features` (`get_video_features`) output, the merged grids and (optionally) saliency."
     inner = getattr(model, "model", model)
     visual, m = inner.visual, inner.visual.spatial_merge_size
-    if not video and bool((image_grid_thw[:, 0] != 1).any()):
-        raise ValueError("`image_grid_thw` has t > 1: only still images go here (videos: `video=True` with `video_grid_thw`)")
-    grids = [((int(t),) if video else ()) + (int(h) // m, int(w) // m) for t, h, w in image_grid_thw.tolist()]
-    cap, handles = {}, []
-    if saliency_layer is not None:
-        attn = visual.blocks[full_attention_block(visual.config, saliency_layer)].attn
-        def _rope(mod, args, kwargs): cap["pe"] = kwargs["position_embeddings"]
-        def _qkv(mod, args, out): cap["qkv"] = out
-        handles = [attn.register_forward_pre_hook(_rope, with_kwargs=True), attn.qkv.register_forward_hook(_qkv)]
-    try: out = (inner.get_video_features if video else inner.get_image_features)(pixel_values, image_grid_thw, return_dict=True)
-    finally:
-        for h in handles: h.remove()
+    block = None if saliency_layer is None else full_attention_block(visual.config, saliency_layer)
+    out, grids, attn, cap = qwen_tower_pass(model, pixel_values, image_grid_thw, block, video)
     if saliency_layer is None: return out, grids, None
     rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision     # the block's own (transformers 5.x)
     sizes = [int(h * w) for t, h, w in image_grid_thw.tolist() for _ in range(int(t))]   # per frame: blocks attend within a frame
