@@ -97,9 +97,9 @@ def discover():
     _DISCOVERED.append(True)
 
 def families()->dict:
-    "Every registered family: class name -> `Family`."
+    "Every registered family: class name -> `Family`, ordered by family name (whatever the import order was)."
     discover()
-    return dict(FAMILIES)
+    return dict(sorted(FAMILIES.items(), key=lambda kv: kv[1].name))
 
 def family_of(model)->Family:
     "The registered family of `model` (searched along its class hierarchy); `TypeError` if unsupported."
