@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['IDENTITY_SHORTCUT', 'Stage', 'InLLMPolicy', 'check_stages', 'layer_qk', 'last_token_attention', 'text_model',
-           'InsideRunner']
+__all__ = ['RULES', 'IDENTITY_SHORTCUT', 'Stage', 'Scoring', 'top_image_tokens', 'InLLMPolicy', 'check_stages', 'layer_qk',
+           'query_attention', 'last_token_attention', 'text_model', 'InsideRunner']
 
 # %% ../../nbs/inllm/base.ipynb #0a33b4e2
 @dataclass(frozen=True)
@@ -19,8 +19,8 @@ class Stage:
     "One in-LLM reduction: from `layer` on, each sample keeps `keep` of its image tokens, ranked by `rule` at `score_layer`."
     layer:int               # first decoder layer that sees only the survivors
     keep:float              # fraction of the image tokens present at this stage that survive, in (0, 1]
-    rule:str = "last"       # query of the attention score: "last" = the last real token of each sample
-    score_layer:int = None  # decoder layer whose q/k score the tokens (its input); None = `layer`
+    rule:str = "last"       # how the tokens are ranked, one of `RULES` ("last": attention of each sample's last token)
+    score_layer:int = None  # decoder layer whose q/k (input) or output score the tokens; None = `layer`
 
     @property
     def scorer(self)->int: return self.layer if self.score_layer is None else self.score_layer
@@ -29,25 +29,62 @@ class Stage:
         "Survivors among `n` image tokens: `round(keep·n)`, at least 1 (when `n` ≥ 1)."
         return 0 if n == 0 else min(n, max(1, int(math.floor(self.keep * n + 0.5))))
 
-# %% ../../nbs/inllm/base.ipynb #49456176
+# %% ../../nbs/inllm/base.ipynb #c49b595e
+# scoring rules: where the stage's scorer layer is read — "input" (a forward pre-hook: its input, own q/k) or
+# "output" (a forward hook: its input and its output)
+RULES = {"last": "input",      # attention of each sample's last real token (FastV, PyramidDrop)
+         "raters": "input",    # mean attention of chosen text tokens, the raters (SparseVLM)
+         "pivots": "output"}   # key norms of the scorer's input, similarity of its output (DART)
+
+@dataclass
+class Scoring:
+    "What a stage's selection sees, all in the layout the scorer layer runs on (`[B,L]` masks, `[B,L,D]` states)."
+    stage:Stage
+    layer:object               # the scorer decoder layer
+    hidden:Tensor              # [B,L,D] its input
+    position_embeddings:tuple  # (cos, sin) it receives
+    image:Tensor               # [B,L] bool: image tokens still present
+    valid:Tensor               # [B,L] bool: real (non-padding) tokens
+    output:Tensor = None       # [B,L,D] its output (rules read at "output")
+    queries:Tensor = None      # [B,L] bool: the policy's query tokens (`InLLMPolicy.prepare`), carried to this layout
+    norm:object = None         # the decoder stack's final norm
+
+def top_image_tokens(scores:Tensor, image:Tensor, valid:Tensor, stage:Stage)->list:
+    "Per sample: the columns of its `stage.count(n)` best-scored image tokens, sorted (ties: the earliest token)."
+    kept = []
+    for b in range(scores.shape[0]):
+        cand = torch.nonzero(image[b] & valid[b]).flatten()
+        order = torch.sort(-scores[b, cand], stable=True).indices[:stage.count(cand.numel())]
+        kept.append(torch.sort(cand[order]).values)
+    return kept
+
 class InLLMPolicy:
-    "Base class of in-LLM policies: `stages()` lists the `Stage`s, in layer order. Every parameter is in `repr`."
-    def stages(self)->list: raise NotImplementedError
+    """Base class of in-LLM policies: `stages(n_layers)` lists the `Stage`s, in layer order, for a decoder of `n_layers`
+    layers; `select` ranks a stage's image tokens (default: rule "last"); `prepare` (optional) reads the LLM's input once
+    per prompt and returns a `[B,L]` bool mask of query tokens. Every parameter is in `repr`."""
+    def stages(self, n_layers:int)->list: raise NotImplementedError
+    def prepare(self, hidden:Tensor, image:Tensor, valid:Tensor): return None
+    def select(self, x:Scoring)->list:
+        if x.stage.rule != "last": raise NotImplementedError(f"{type(self).__name__} does not implement rule {x.stage.rule!r}")
+        with torch.no_grad(): scores = last_token_attention(x.layer, x.hidden, x.position_embeddings, x.valid)
+        return top_image_tokens(scores, x.image, x.valid, x.stage)
     def _args(self)->dict: return {}
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._args().items())})"
     def __eq__(self, o): return type(o) is type(self) and o._args() == self._args()
     def __hash__(self): return hash((type(self).__name__, tuple(self._args().items())))
 
 def check_stages(stages:list, n_layers:int):
-    "`ValueError` unless the stages fit a decoder of `n_layers` layers (increasing layers, scorer ≤ layer)."
+    """`ValueError` unless the stages fit a decoder of `n_layers` layers: increasing layers, each scorer in
+    [previous stage's layer, layer] (before the layer for rules read at the scorer's output)."""
     prev = -1
     for s in stages:
         if not 0 <= s.layer < n_layers:
             raise ValueError(f"`layer`: a stage at layer {s.layer} does not fit a language model of {n_layers} layers")
         if s.layer <= prev: raise ValueError(f"`layer`: stages must be at increasing layers, got {[t.layer for t in stages]}")
-        if not (prev < s.scorer <= s.layer) and not (prev == -1 and 0 <= s.scorer <= s.layer):
-            raise ValueError(f"`score_layer` {s.scorer} must be in [{max(prev, 0)}, {s.layer}] for the stage at layer {s.layer}")
-        if s.rule != "last": raise ValueError(f"`rule`: unknown scoring rule {s.rule!r} (known: 'last')")
+        if s.rule not in RULES: raise ValueError(f"`rule`: unknown scoring rule {s.rule!r} (known: {', '.join(map(repr, RULES))})")
+        hi = s.layer - (RULES[s.rule] == "output")
+        if not max(prev, 0) <= s.scorer <= hi:
+            raise ValueError(f"`score_layer` {s.scorer} must be in [{max(prev, 0)}, {hi}] for the stage at layer {s.layer}")
         prev = s.layer
 
 # %% ../../nbs/inllm/base.ipynb #1f36efb6
@@ -64,6 +101,28 @@ def layer_qk(layer, hidden:Tensor, position_embeddings:tuple)->tuple:
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     cos, sin = position_embeddings
     return rope(q, k, cos, sin)
+
+def query_attention(
+    layer,                     # the decoder layer whose q/k score
+    hidden:Tensor,             # [B,L,D] its input
+    position_embeddings:tuple, # (cos, sin) it receives
+    valid:Tensor,              # [B,L] bool: real (non-padding) tokens
+    queries:Tensor,            # [B,L] bool: the query rows (each sees the real keys up to itself)
+)->Tensor:                     # [B,L] float32: attention weights averaged over heads and over each sample's queries
+    "Head- and query-averaged attention weights of chosen query tokens (causal softmax per row, float32)."
+    q, k = layer_qk(layer, hidden, position_embeddings)
+    B, H, L, dh = q.shape
+    k = k.repeat_interleave(H // k.shape[1], dim=1).float()
+    scale = getattr(layer.self_attn, "scaling", dh ** -0.5)
+    cols = torch.arange(L, device=hidden.device)
+    out = torch.zeros(B, L, dtype=torch.float32, device=hidden.device)
+    for b in range(B):
+        rows = torch.nonzero(queries[b] & valid[b]).flatten()
+        if rows.numel() == 0: continue
+        logits = torch.einsum("hqd,hld->hql", q[b][:, rows].float(), k[b]) * scale
+        seen = valid[b][None] & (cols[None] <= rows[:, None])                  # [Q,L]
+        out[b] = logits.masked_fill(~seen[None], float("-inf")).softmax(-1).mean((0, 1))
+    return out
 
 def last_token_attention(
     layer,                     # the decoder layer whose q/k score
@@ -84,7 +143,7 @@ def last_token_attention(
     logits = logits.masked_fill(~seen[:, None], float("-inf"))
     return logits.softmax(-1).mean(1)
 
-# %% ../../nbs/inllm/base.ipynb #8fdb649f
+# %% ../../nbs/inllm/base.ipynb #54f3c546
 IDENTITY_SHORTCUT = True   # a stage that keeps every token of every sample leaves the call untouched (bit-exact)
 
 def text_model(model):
@@ -110,7 +169,7 @@ def _gather_rows(t:Tensor, idx:Tensor, dim:int)->Tensor:
     full = list(t.shape); full[dim] = idx.shape[1]
     return torch.gather(t, dim, idx.view(view).expand(full))
 
-# %% ../../nbs/inllm/base.ipynb #270078f4
+# %% ../../nbs/inllm/base.ipynb #54b180df
 class _Layout:
     "One stage's shortened layout: `index` [B,S] (column of the previous layout, -1 = padding), validity, and the layer inputs."
     def __init__(self, index, valid, image, src_len):
@@ -122,7 +181,7 @@ class InsideRunner:
     def __init__(self, model, policy):
         self.model, self.policy = model, policy
         self.text = text_model(model)
-        self.stages = list(policy.stages())
+        self.stages = list(policy.stages(len(self.text.layers)))
         check_stages(self.stages, len(self.text.layers))
         impl = getattr(self.text.config, "_attn_implementation", None) or "eager"
         if impl not in ("sdpa", "eager"):
@@ -133,12 +192,17 @@ class InsideRunner:
         if "sliding_attention" in (getattr(self.text.config, "layer_types", None) or []):
             raise ValueError("in-LLM pruning does not support sliding-window attention layers")
         self.impl, self.handles, self.state = impl, [], None
+        self.wants_input = type(policy).prepare is not InLLMPolicy.prepare
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
     def install(self):
-        first = min(s.scorer for s in self.stages)
-        for l in range(first, len(self.text.layers)):
-            self.handles.append(self.text.layers[l].register_forward_pre_hook(self._hook(l), with_kwargs=True))
+        first = 0 if self.wants_input else min(s.scorer for s in self.stages)
+        try:
+            for l in range(first, len(self.text.layers)):
+                self.handles.append(self.text.layers[l].register_forward_pre_hook(self._hook(l), with_kwargs=True))
+            for l in sorted({s.scorer for s in self.stages if RULES[s.rule] == "output"}):
+                self.handles.append(self.text.layers[l].register_forward_hook(self._post_hook(l), with_kwargs=True))
+        except BaseException: self.remove(); raise
         return self
 
     def remove(self):
@@ -148,8 +212,8 @@ class InsideRunner:
     def begin(self, image:Tensor, attention_mask:Tensor=None):
         "A new prompt: `image` [B,L] True at image tokens, `attention_mask` [B,L] (None = all real) of the LLM's input."
         valid = torch.ones_like(image, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        self.state = dict(image=image, valid=valid, L0=image.shape[1], layouts=[None] * len(self.stages),
-                          scores=[None] * len(self.stages), kept=[None] * len(self.stages), identity=[False] * len(self.stages))
+        self.state = dict(image=image, valid=valid, L0=image.shape[1], queries=None, layouts=[None] * len(self.stages),
+                          kept=[None] * len(self.stages), identity=[False] * len(self.stages))
 
     # ---- what the context reports -------------------------------------------------------------------------------
     @property
@@ -201,12 +265,18 @@ class InsideRunner:
                 if hs.shape[0] % st["image"].shape[0]: raise ValueError("in-LLM pruning: unexpected batch size")
                 r = hs.shape[0] // st["image"].shape[0]
                 st["image"], st["valid"] = st["image"].repeat_interleave(r, 0), st["valid"].repeat_interleave(r, 0)
+                if st["queries"] is not None: st["queries"] = st["queries"].repeat_interleave(r, 0)
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             past = cache.get_seq_length(l) if cache is not None else 0
             i = self._stage_of(l)
             if past == 0:
+                if l == 0 and self.wants_input and st["queries"] is None:
+                    image, valid, _ = self._current(-1, hs.shape[1])
+                    with torch.no_grad(): st["queries"] = self.policy.prepare(hs, image, valid)
                 for j, s in enumerate(self.stages):      # scoring for a stage whose selection is still open
-                    if s.scorer == l and st["kept"][j] is None: self._score(j, mod, hs, kwargs)
+                    if s.scorer == l and RULES[s.rule] == "input" and st["kept"][j] is None:
+                        if j and self.stages[j - 1].layer == l: self._apply(j - 1, hs, kwargs)   # the layout it scores
+                        self._score(j, mod, hs, kwargs, l)
                 if i < 0: return None
                 if self.stages[i].layer == l: self._apply(i, hs, kwargs)
                 j = max((j for j in range(i + 1) if not st["identity"][j]), default=None)
@@ -220,19 +290,42 @@ class InsideRunner:
             return self._decode(args, kwargs, hs, st["layouts"][j], past)
         return hook
 
-    def _score(self, j:int, layer, hs:Tensor, kwargs:dict):
+    def _post_hook(self, l:int):
+        def hook(mod, args, kwargs, output):
+            st = self.state
+            if st is None or mod is not self.text.layers[l]: return None
+            hs = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            for j, s in enumerate(self.stages):
+                if s.scorer == l and RULES[s.rule] == "output" and st["kept"][j] is None:
+                    self._score(j, mod, hs, kwargs, l, out)
+            return None
+        return hook
+
+    def _carry(self, mask:Tensor, i:int, q:int)->Tensor:
+        "A `[B,L0]` mask of the LLM input, carried to the layout after stage `i` (-1: the input) of a `q`-token call."
+        if mask.shape[1] < q: mask = torch.cat([mask, mask.new_zeros(mask.shape[0], q - mask.shape[1])], 1)
+        for j in range(i + 1):
+            lay = self.state["layouts"][j]
+            if lay is not None and not self.state["identity"][j]:
+                mask = torch.gather(mask, 1, lay.index.clamp(min=0)) & lay.valid
+        return mask
+
+    def _score(self, j:int, layer, hs:Tensor, kwargs:dict, l:int, out:Tensor=None):
+        "Run the policy's selection for stage `j` at its scorer layer `l` (`hs`: that layer's hook input)."
         st = self.state
         image, valid, prev = self._current(j - 1, hs.shape[1])
-        pe = kwargs["position_embeddings"] if prev is None else prev.pe
-        with torch.no_grad():
-            scores = last_token_attention(layer, hs, pe, valid)
-        stage, kept = self.stages[j], []
-        for b in range(hs.shape[0]):
-            cand = torch.nonzero(image[b] & valid[b]).flatten()
-            k = stage.count(cand.numel())
-            order = torch.sort(-scores[b, cand], stable=True).indices[:k]   # ties: the earliest token
-            kept.append(torch.sort(cand[order]).values)
-        st["scores"][j], st["kept"][j] = scores, kept
+        pe = kwargs["position_embeddings"]
+        if prev is not None and out is None:
+            jp = max(k for k in range(j) if st["layouts"][k] is prev)
+            if self.stages[jp].layer == l: hs = _gather_rows(hs, prev.index.clamp(min=0), 1) * prev.valid[..., None]
+            pe = prev.pe
+        q0 = hs.shape[1] if st["layouts"][0] is None else st["layouts"][0].src_len     # length of this call's input
+        queries = None if st["queries"] is None else self._carry(st["queries"], j - 1, q0)
+        x = Scoring(self.stages[j], layer, hs, pe, image, valid, out, queries, getattr(self.text, "norm", None))
+        kept = self.policy.select(x)
+        if len(kept) != hs.shape[0]: raise ValueError(f"{type(self.policy).__name__}.select returned {len(kept)} rows for a batch of {hs.shape[0]}")
+        st["kept"][j] = [k.to(torch.long) for k in kept]
 
     def _apply(self, i:int, hs:Tensor, kwargs:dict):
         "Build stage `i`'s layout (once per prompt) from the previous layout and the selection."

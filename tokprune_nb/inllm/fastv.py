@@ -19,4 +19,4 @@ class FastV(InLLMPolicy):
         if not 0 < keep <= 1: raise ValueError(f"`keep` must be in (0, 1], got {keep}")
         self.layer, self.keep = layer, float(keep)
     def _args(self): return dict(layer=self.layer, keep=self.keep)
-    def stages(self): return [Stage(layer=self.layer, keep=self.keep, rule="last", score_layer=self.layer - 1)]
+    def stages(self, n_layers:int=None): return [Stage(layer=self.layer, keep=self.keep, rule="last", score_layer=self.layer - 1)]
