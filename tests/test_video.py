@@ -1,4 +1,4 @@
-"""Video (issue 14): Qwen2-VL / Qwen2.5-VL / Qwen3-VL clips are pruned, not refused — one TokenSet per clip with grid
+"""Video (issue 14): Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 clips are pruned, not refused — one TokenSet per clip with grid
 (t, h, w), one budget per clip, keep=1.0 bit-exact (logits and greedy generate), the LM sees exactly the kept video
 tokens (every DeepStack level too) at their unpruned 3D positions, image + video batches; TemporalPrune (vLLM's EVS)."""
 import pytest
@@ -15,7 +15,7 @@ PROMPTS = ["what color is the cat ?", "how many dog are there in the picture ?",
 GEN = dict(max_new_tokens=4, do_sample=False)
 
 
-@pytest.fixture(scope="module", params=["qwen2.5-vl", "qwen3-vl", "qwen2-vl"])
+@pytest.fixture(scope="module", params=["qwen2.5-vl", "qwen3-vl", "qwen2-vl", "qwen3.5"])
 def fam(request):
     f = family_named(request.param)
     model, proc = f.tiny(0)

@@ -11,7 +11,7 @@ import transformers
 from .tiny import tiny_images
 
 # %% auto #0
-__all__ = ['tiny_frames', 'qwen_video_patches', 'qwen_vl_inputs']
+__all__ = ['tiny_frames', 'qwen_video_patches', 'qwen_vl_inputs', 'onevision_video_inputs']
 
 # %% ../../nbs/testing/video.ipynb #b459ea47
 def tiny_frames(
@@ -105,3 +105,47 @@ def qwen_vl_inputs(
     ids = enc["input_ids"]
     mm = torch.tensor(processor.create_mm_token_type_ids(ids), dtype=ids.dtype)
     return transformers.BatchFeature({"input_ids": ids, "attention_mask": enc["attention_mask"], "mm_token_type_ids": mm, **out})
+
+# %% ../../nbs/testing/video.ipynb #76635bf1
+def onevision_video_inputs(
+    processor,              # an offline LLaVA-OneVision processor (`testing.tiny_more.tiny_llava_onevision`)
+    prompts:list,           # one question per sample ("" = visual only)
+    kinds=None,             # per sample "image" or "video" (default: all "video")
+    seed:int=0,
+    *,
+    image_size=56,          # side of the images (a base crop plus tiles, as `chat_inputs`)
+    n_frames:int=8,         # frames per clip (the same for every clip: the processor stacks them)
+    moving:float=0.25,      # see `tiny_frames`
+    mean=None, std=None,    # per-channel normalisation (default: the image processor's, SigLIP's 0.5 in the checkpoint)
+)->transformers.BatchFeature:
+    "LLaVA-OneVision processor outputs for a batch of image and video samples: ids, mask, images and `pixel_values_videos`."
+    kinds = ["video"] * len(prompts) if kinds is None else list(kinds)
+    if len(kinds) != len(prompts) or not set(kinds) <= {"image", "video"}:
+        raise ValueError(f"`kinds` needs one of 'image'/'video' per prompt, got {kinds}")
+    if not isinstance(n_frames, int) or n_frames < 1: raise ValueError(f"`n_frames` must be a positive int, got {n_frames!r}")
+    ip = processor.image_processor
+    side = ip.size["height"]
+    mean = ip.image_mean if mean is None else mean; std = ip.image_std if std is None else std
+    content = lambda p, k: [{"type": k}] + ([{"type": "text", "text": p}] if p else [])
+    texts = [processor.apply_chat_template([{"role": "user", "content": content(p, k)}], add_generation_prompt=True,
+                                           tokenize=False) for p, k in zip(prompts, kinds)]
+    out = {}
+    n_img = kinds.count("image")
+    if n_img:
+        out.update(ip(images=tiny_images(n_img, size=image_size, seed=seed), return_tensors="pt"))
+        i = 0
+        for j, k in enumerate(kinds):
+            if k == "image": texts[j] = texts[j].replace(processor.image_token, processor.replace_image_token(out, i), 1); i += 1
+    clips = []
+    for j, k in enumerate(kinds):
+        if k != "video": continue
+        x = tiny_frames(n_frames, (side, side), seed=seed + 100 + j, moving=moving).float() / 255.0
+        clips.append((x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1))
+    if clips:
+        out["pixel_values_videos"] = torch.stack(clips)
+        i = 0
+        for j, k in enumerate(kinds):
+            if k == "video":
+                texts[j] = texts[j].replace(processor.video_token, processor.replace_video_token(out, i), 1); i += 1
+    enc = processor.tokenizer(texts, padding=True, return_tensors="pt")
+    return transformers.BatchFeature({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **out})
