@@ -2,6 +2,7 @@
 #   make demo   - create .venv if missing, install, run the main job
 #   make test   - create/update .venv, run nbdev_test (notebooks) and pytest (tests/)
 #   make test-browser - the explorer in JupyterLab in headless Chromium (needs apt's chromium)
+#   make eval-venv - add the `.[eval]` extra (lmms-eval, pinned in settings.ini) without torchvision (see below)
 # The CPU build of torch is installed first so that pip never pulls the multi-GB CUDA wheels on a
 # CPU machine. On a GPU box:  make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 # (any pip requirement spec works).
@@ -12,7 +13,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NBDEV_FLAGS ?=
 
-.PHONY: all venv demo test test-nbs test-py test-browser export readme bench-select
+.PHONY: all venv eval-venv demo test test-nbs test-py test-browser export readme bench-select
 
 all: test
 
@@ -27,6 +28,25 @@ $(STAMP): $(BIN)/python settings.ini setup.py
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# lmms-eval requires torchvision, but the registry's torchvision is CUDA-built: on a CPU torch it fails to import and
+# takes transformers down with it. So: lmms-eval with --no-deps, then its requirements minus torchvision/timm
+# (scripts/eval_requirements.py), with torch held at the installed build; then check that no torchvision came in.
+# Where a matching torchvision exists (a GPU box), `pip install -e ".[eval]"` is the plain route.
+EVAL_STAMP := $(VENV)/.installed-eval
+$(EVAL_STAMP): $(STAMP) scripts/eval_requirements.py
+	@t0=$$(date +%s); set -e; \
+	$(BIN)/python -m pip install --quiet --no-deps "$$($(BIN)/python scripts/eval_requirements.py pin)"; \
+	$(BIN)/python scripts/eval_requirements.py > $(VENV)/eval-requirements.txt; \
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/eval-hold.txt; \
+	$(BIN)/python -m pip install --quiet -r $(VENV)/eval-requirements.txt -c $(VENV)/eval-hold.txt; \
+	$(BIN)/python -c "import importlib.util as u, sys; sys.exit('torchvision got installed: remove it (pip uninstall torchvision)' if u.find_spec('torchvision') else 0)"; \
+	$(BIN)/python -m pip install --quiet --no-deps -e .; \
+	$(BIN)/python -c "import lmms_eval, lmms_eval.evaluator, transformers; from lmms_eval.models import get_model; get_model('tokprune'); from importlib.metadata import version; print('eval extra: lmms-eval', version('lmms-eval'), '| --model tokprune registered')"; \
+	echo "eval extra installed in $$(( $$(date +%s) - t0 )) s"
+	touch $(EVAL_STAMP)
+
+eval-venv: $(EVAL_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/tokprune demo

@@ -15,6 +15,7 @@ py_versions = '3.10 3.11 3.12 3.13'.split()
 
 requirements = shlex.split(cfg.get('requirements', ''))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
+eval_requirements = shlex.split(cfg.get('eval_requirements', ''))
 lic = licenses[cfg['license'].lower()]
 min_python = cfg['min_python']
 lib_name = cfg['lib_name']
@@ -32,13 +33,14 @@ setuptools.setup(
     include_package_data=True,
     package_data={lib_name: ['assets/*', 'assets/**/*']},
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'eval': eval_requirements},
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     zip_safe=False,
     entry_points={'console_scripts': cfg.get('console_scripts', '').split(),
-                  'nbdev': [f'{lib_name}={lib_name}._modidx:d']},
+                  'nbdev': [f'{lib_name}={lib_name}._modidx:d'],
+                  'lmms_eval.models': cfg.get('lmms_eval_models', '').split()},
     version=cfg['version'],
     description=cfg['description'],
     author=cfg['author'],
