@@ -11,7 +11,7 @@ from .core import TokenSet
 from .policies import Policy, topk_indices, grid_subsample
 
 # %% auto #0
-__all__ = ['temporal_dissimilarity', 'TemporalPrune']
+__all__ = ['VIDEO_POLICIES', 'temporal_dissimilarity', 'TemporalPrune', 'policy_class', 'check_video_only']
 
 # %% ../nbs/03c_temporal.ipynb #1388b804
 def temporal_dissimilarity(
@@ -45,3 +45,26 @@ class TemporalPrune(Policy):
             if k < h * w: out.append(grid_subsample(h, w, k, device=ts.device))
             else: out.append(topk_indices(temporal_dissimilarity(ts.feats[b], (t, h, w)), k))
         return torch.stack(out)
+
+# %% ../nbs/03c_temporal.ipynb #20a1bb4c
+TemporalPrune.video_only = True          # refuses TokenSets without a (t, h, w) grid
+
+VIDEO_POLICIES = {TemporalPrune.name: TemporalPrune}
+
+def policy_class(name:str)->type:
+    "The policy class registered under `name`: `policies.POLICIES` (any visual input) or `VIDEO_POLICIES` (clips only)."
+    from tokprune_nb.policies import POLICIES
+    if not isinstance(name, str): raise TypeError(f"`name` must be a str, got {type(name).__name__}")
+    both = {**POLICIES, **VIDEO_POLICIES}
+    if name not in both: raise ValueError(f"`name` must be one of {sorted(POLICIES)} or, for videos only, {sorted(VIDEO_POLICIES)}; got {name!r}")
+    return both[name]
+
+def check_video_only(policy, kinds)->None:
+    "`ValueError` (before any compute) if `policy` is video-only and `kinds` (visual kinds in the inputs) holds anything but videos."
+    from tokprune_nb.policies import POLICIES
+    if not getattr(policy, "video_only", False): return
+    still = sorted(set(kinds) - {"video"})
+    if still:
+        raise ValueError(f"`policy`: {type(policy).__name__} is video-only (it compares each token with the same cell one "
+                         f"frame earlier) but the inputs hold {', '.join(still)} input(s); prune those calls with a spatial "
+                         f"policy, e.g. one of {sorted(POLICIES)}")
