@@ -277,3 +277,79 @@ def test_generation_config_max_length_no_extra_kwarg(fx, recwarn):
     assert out.shape[1] == ref.shape[1]                                  # same number of new tokens
     assert gc.max_length == x["input_ids"].shape[1] + 3                  # the user's config is not modified
     assert not [w for w in recwarn.list if "max_length" in str(w.message)]
+
+
+# ---- merging policies: VisionZip and merge-back of a selection policy, on every family ------------------------------
+from tokprune_nb.merging import VisionZip
+from tokprune_nb.policies import DivPrune
+
+MERGERS = {"visionzip": lambda keep: VisionZip(keep), "divprune+merge": lambda keep: DivPrune(keep, merge_pruned=True)}
+
+
+def image_features(fx, policy, x):
+    "Per image (or tile group) features the LM receives under `policy`, and the context's selection."
+    with pruned(fx.model, policy) as ctx:
+        got = lm_inputs(fx, lambda: fx.model(**x))
+    kw = got[0]; kw.update(kw.pop("kwargs", None) or {})
+    return list(kw["mm_encoder_outputs"]["image"].pooler_output), kw["input_ids"], ctx.selection
+
+
+@pytest.mark.parametrize("mname", sorted(MERGERS))
+@pytest.mark.parametrize("name", ["b3", "mixed"])
+def test_merging_keep_all_is_bit_exact(fx, mname, name):
+    x = scenario(fx, name)
+    with torch.no_grad():
+        ref, gref = fx.model(**x).logits, fx.model.generate(**x, **GEN)
+        with pruned(fx.model, MERGERS[mname](1.0)):
+            assert torch.equal(fx.model(**x).logits, ref)
+            assert torch.equal(fx.model.generate(**x, **GEN), gref)
+
+
+@pytest.mark.parametrize("mname", sorted(MERGERS))
+def test_merging_lm_gets_k_tokens_and_merged_ones_are_new(fx, mname):
+    """At keep < 1 the LM receives exactly k image tokens per image (plus LLaVA-NeXT-style layout tokens); each is
+    either an original token, bit for bit, or a merged one that differs from every original token of its image."""
+    x = scenario(fx, "mixed")
+    full, _, full_sel = image_features(fx, RandomPrune(keep=1.0), x)
+    policy = MERGERS[mname](0.25)
+    feats, sids, sel = image_features(fx, policy, x)
+    assert [len(s) for s in sel] == [policy.budget(len(s)) for s in full_sel]
+    structural = getattr(fx.f.adapter, "structural_tokens", False)
+    assert int((sids == image_id(fx)).sum()) == sum(f.shape[0] for f in feats)
+    merged_images = 0
+    for f, s, orig, all_ in zip(feats, sel, full, full_sel):
+        assert f.shape[0] == len(s) or (structural and f.shape[0] > len(s))
+        same = [any(torch.equal(row, o) for o in orig) for row in f]
+        new = [row for row, eq in zip(f, same) if not eq]
+        n, k = len(all_), len(s)      # VisionZip merges only when its split has a contextual token
+        merges = k < n and (getattr(policy, "merge_pruned", False) or policy.split(k)[1] >= 1)
+        assert (len(new) >= 1) == merges, "a kept token stands for merged ones exactly when something is merged"
+        merged_images += merges
+        for row in new:                                                   # a merged token is none of the originals
+            assert torch.isfinite(row).all()
+            assert not any(torch.allclose(row, o, atol=1e-6, rtol=0) for o in orig)
+    assert merged_images >= 1
+
+
+@pytest.mark.parametrize("mname", sorted(MERGERS))
+def test_merging_batch_equals_single(fx, mname):
+    x = scenario(fx, "b3")
+    policy = MERGERS[mname](0.5)
+    with pruned(fx.model, policy), torch.no_grad():
+        lb = fx.model(**x).logits[:, -1]; batch = last_selection(fx.model)
+        for i in range(3):
+            xi = dict(fx.f.inputs(fx.proc, [PROMPTS[i]], sizes=[(56, 56)], seed=i))
+            li = fx.model(**xi).logits[0, -1]
+            assert torch.equal(last_selection(fx.model)[0], batch[i])
+            torch.testing.assert_close(li, lb[i], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mname", sorted(MERGERS))
+def test_merging_model_unchanged_after_exit(fx, mname):
+    x = scenario(fx, "b3")
+    snap = snapshot(fx.model)
+    with torch.no_grad(): ref = fx.model(**x).logits
+    with pruned(fx.model, MERGERS[mname](0.25)), torch.no_grad(): out = fx.model(**x).logits
+    assert out.shape[:1] == ref.shape[:1] and not torch.equal(out[:, -1], ref[:, -1])
+    assert_unchanged(fx.model, snap)
+    with torch.no_grad(): assert torch.equal(fx.model(**x).logits, ref)

@@ -139,10 +139,94 @@ def test_visionzip_end_to_end_on_llava(builder):
                 assert not any(torch.allclose(row, o, atol=1e-6) for o in full[b])
 
 
-def test_merging_refused_where_the_family_cannot_merge():
+def _lm_image_feats(model, policy, x, **kw):
+    from tokprune_nb.inject import pruned, last_selection
+    got = []
+    h = model.model.register_forward_pre_hook(lambda m, a, k: got.append(k["mm_encoder_outputs"]["image"].pooler_output), with_kwargs=True)
+    try:
+        with torch.no_grad(), pruned(model, policy, **kw): model(**x)
+    finally: h.remove()
+    return list(got[0]), last_selection(model)
+
+
+def test_visionzip_in_llm_space_on_qwen():
+    """A family without pre-projector features (Qwen2.5-VL: the 2x2 merger) runs VisionZip on the LLM-space tokens:
+    dominance by attention received, contextual targets by the cosine of those tokens; checked against a recomputation."""
+    from tokprune_nb.testing.tiny import tiny_qwen2_5_vl, tiny_qwen_inputs
+    from tokprune_nb.merging import VisionZip
+    from tokprune_nb.adapters.qwen2_5_vl import qwen_vision_tokens
+    model, proc = tiny_qwen2_5_vl()
+    x = tiny_qwen_inputs(proc, ["what is in the image ?", "describe the image"], size=[224, 168])
+    got, sel = _lm_image_feats(model, VisionZip(0.5), x)
+    with torch.no_grad():
+        feats, _, sal = qwen_vision_tokens(model, x["pixel_values"], x["image_grid_thw"], saliency_layer=-2)
+    for b in range(2):
+        k = VisionZip(0.5).budget(feats[b].shape[0])
+        slots, f, size = visionzip_reduce(feats[b].float(), sal[b].float(), feats[b].float(), *VisionZip(0.5).split(k))
+        assert torch.equal(sel[b], slots) and (size > 1).any()
+        want = torch.where((size > 1)[:, None], f.to(feats[b].dtype), feats[b][slots])
+        assert torch.equal(got[b], want)
+
+
+def test_merge_pruned_end_to_end_on_llava():
+    """`merge_pruned=True`: the same tokens as the plain policy; merged slots are `merge_back` of the LLM-space tokens,
+    the others bit-identical."""
+    from tokprune_nb.testing.tiny import tiny_llava, tiny_inputs
+    from tokprune_nb.policies import DivPrune, RelevancePrune
+    model, proc = tiny_llava(image_size=56, patch_size=7)
+    x = tiny_inputs(proc, ["what is in the image ?", "how many dog are there ?"])
+    full, _ = _lm_image_feats(model, DivPrune(1.0), x)
+    for pol in (DivPrune(0.25, merge_pruned=True), RelevancePrune(0.25, merge_pruned=True)):
+        got, sel = _lm_image_feats(model, pol, x)
+        _, plain = _lm_image_feats(model, type(pol)(0.25), x)
+        for b in range(2):
+            assert torch.equal(sel[b], plain[b])
+            mer, size = merge_back(full[b][None].float(), sel[b][None])
+            want = torch.where((size[0] > 1)[:, None], mer[0], full[b][sel[b]])
+            assert torch.equal(got[b], want) and (size > 1).any() and float(size.sum()) == full[b].shape[0]
+
+
+def test_policies_that_need_merging_evidence_are_refused_where_missing():
+    "A policy that *needs* pre-projector features is refused up front where the family cannot give them."
     from tokprune_nb.testing.tiny import tiny_qwen2_5_vl
     from tokprune_nb.inject import pruned
-    from tokprune_nb.merging import VisionZip
+    from tokprune_nb.policies import Policy
+    class NeedsVision(Policy):
+        @property
+        def needs(self): return frozenset({"vision_feats"})
     model, _ = tiny_qwen2_5_vl()
     with pytest.raises(ValueError, match="pre-projector"):
-        with pruned(model, VisionZip(0.5)): pass
+        with pruned(model, NeedsVision(0.5)): pass
+
+
+def test_vision_space_reduction_without_vision_feats_is_named():
+    from tokprune_nb.adapters.base import run_policy
+    from tokprune_nb.core import TokenSet
+    class Bad:
+        keep, needs = 0.5, frozenset()
+        def budget(self, n): return n // 2
+        def __call__(self, ts): return Reduction(torch.arange(4), torch.randn(4, 3), torch.full((4,), 2.0), space="vision")
+    with pytest.raises(ValueError, match="Bad returned vision-space"):
+        run_policy(Bad(), [TokenSet(torch.randn(8, 5))], [])
+
+
+@pytest.mark.parametrize("builder", ["llava", "qwen2.5-vl"])
+def test_flops_three_way_for_merging_policies(builder):
+    """fvcore = FlopCounterMode = formula for a merging run (a batch of three); merge-back's work is counted as selection."""
+    import warnings
+    from tokprune_nb.measure.flops import count_flops, analytic_prefill_flops
+    from tokprune_nb.testing.tiny import tiny_llava, tiny_inputs, tiny_qwen2_5_vl, tiny_qwen_inputs
+    from tokprune_nb.policies import DivPrune
+    from tokprune_nb.merging import VisionZip
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    if builder == "llava": m, p = tiny_llava(); inp = tiny_inputs(p, ["what color is the ball", "describe", "how many red dog are there ?"])
+    else: m, p = tiny_qwen2_5_vl(); inp = tiny_qwen_inputs(p, ["what color is the cat ?", "describe the image", "how many ?"])
+    plain = count_flops(m, inp, DivPrune(0.25))
+    for pol in (VisionZip(0.25), DivPrune(0.25, merge_pruned=True)):
+        fv, tc = count_flops(m, inp, pol), count_flops(m, inp, pol, counter="torch")
+        assert fv.unsupported == {}
+        da, db = fv.as_dict(), tc.as_dict(); da.pop("counter"); db.pop("counter")
+        assert da == db
+        assert fv.batch == 3 and fv.llm == analytic_prefill_flops(m.config, fv.seq_len, batch=3)
+        assert fv.seq_len == plain.seq_len and fv.selection > 0
+    assert count_flops(m, inp, DivPrune(0.25, merge_pruned=True)).selection > plain.selection   # the merge is counted

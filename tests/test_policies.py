@@ -299,7 +299,7 @@ NON_DEFAULT = {
 def test_repr_eval_roundtrip_equality_hash(name):
     cls = POLICIES[name]
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]
-    kw = NON_DEFAULT[name]
+    kw = {**NON_DEFAULT[name], 'merge_pruned': True}   # every selection policy also takes the merge-back flag
     assert set(kw) == {p.name for p in params}, f'NON_DEFAULT[{name!r}] must set every constructor parameter'
     for p in params:
         assert p.default is inspect.Parameter.empty or kw[p.name] != p.default, (name, p.name)

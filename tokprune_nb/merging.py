@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['SPACES', 'VISIONZIP_RATIO', 'Reduction', 'merge_back', 'visionzip_reduce', 'VisionZip']
+__all__ = ['SPACES', 'VISIONZIP_RATIO', 'MERGING', 'Reduction', 'merge_back', 'visionzip_reduce', 'VisionZip', 'merging_policy']
 
 # %% ../nbs/03b_merging.ipynb #d216b24f
 SPACES = ("llm", "vision")
@@ -121,8 +121,13 @@ class VisionZip(Policy):
 
     @property
     def needs(self)->frozenset:
-        "TokenSet fields VisionZip requires: the layer's CLS attention, its hidden states (pre-projector) and keys."
-        return frozenset({'saliency', 'vision_feats', 'keys'})
+        "TokenSet fields VisionZip requires: the layer's saliency (CLS attention, or attention received without a CLS)."
+        return frozenset({'saliency'})
+
+    @property
+    def wants(self)->frozenset:
+        "Fields used when the adapter can provide them: the layer's hidden states (pre-projector) and head-averaged keys."
+        return frozenset({'vision_feats', 'keys'})
 
     def budget(self, n:int)->int:
         "Tokens kept from an image with `n` visual tokens (`dominant + contextual` when both are given)."
@@ -142,17 +147,36 @@ class VisionZip(Policy):
         return d, k - d
 
     def __call__(self, ts:TokenSet):
-        "A `Reduction` in vision space (`[k]` / `[B,k_max]` slots, -1 padded), or plain indices when every token is kept."
+        """A `Reduction` (`[k]` / `[B,k_max]` slots, -1 padded): in vision space when `ts` has `vision_feats`, else in
+        LLM space (`feats`); plain indices when every token is kept."""
         if not isinstance(ts, TokenSet): raise TypeError(f"`ts` must be a TokenSet, got {type(ts).__name__}")
         for name in sorted(self.needs):
             if not ts.has(name): raise ValueError(f"VisionZip needs `{name}` in the TokenSet, but it is missing")
         sets = ts.split() if ts.batched else [ts]
         ks = [self.budget(s.n_tokens) for s in sets]
-        if all(k == s.n_tokens for k, s in zip(ks, sets)): return super().__call__(ts)   # keeps all: plain indices
-        res = [visionzip_reduce(s.vision_feats, s.saliency, s.keys, *self.split(k)) for s, k in zip(sets, ks)]
-        if not ts.batched: return Reduction(*res[0], space="vision")
-        K, Dv = max(ks), sets[0].vision_feats.shape[-1]
+        if all(k == s.n_tokens for k, s in zip(ks, sets)): return self._indices(ts)   # keeps all: plain indices
+        space = "vision" if ts.has('vision_feats') else "llm"
+        if space == "vision" and not ts.has('keys'):   # the published rule: pre-projector features go with the layer's keys
+            raise ValueError("VisionZip needs `keys` in the TokenSet with `vision_feats`, but it is missing")
+        hid = lambda s: s.vision_feats if space == "vision" else s.feats
+        res = [visionzip_reduce(hid(s), s.saliency, s.keys if s.has('keys') else hid(s), *self.split(k)) for s, k in zip(sets, ks)]
+        if not ts.batched: return Reduction(*res[0], space=space)
+        K, Dv = max(ks), hid(sets[0]).shape[-1]
         idx = torch.full((len(sets), K), -1, dtype=torch.long, device=ts.device)
-        f = sets[0].vision_feats.new_zeros(len(sets), K, Dv); size = torch.zeros(len(sets), K, device=ts.device)
+        f = hid(sets[0]).new_zeros(len(sets), K, Dv); size = torch.zeros(len(sets), K, device=ts.device)
         for b, (sl, fb, sb) in enumerate(res): idx[b, :len(sl)], f[b, :len(sl)], size[b, :len(sl)] = sl, fb, sb
-        return Reduction(idx, f, size, space="vision")
+        return Reduction(idx, f, size, space=space)
+
+# %% ../nbs/03b_merging.ipynb #336d9e69
+from .policies import POLICIES
+
+MERGING = {p.name: p for p in (VisionZip,)}
+
+def merging_policy(name:str, keep, **kwargs)->Policy:
+    "The merging policy `name` of `MERGING`, or `\"<selection policy>+merge\"` (that policy with `merge_pruned=True`)."
+    if not isinstance(name, str): raise TypeError(f"`name` must be a str, got {type(name).__name__}")
+    if name in MERGING: return MERGING[name](keep, **kwargs)
+    base, plus, tail = name.partition("+")
+    if plus and tail == "merge" and base in POLICIES: return POLICIES[base](keep, merge_pruned=True, **kwargs)
+    raise ValueError(f"`name` must be one of {', '.join(MERGING)} or '<policy>+merge' with <policy> one of "
+                     f"{', '.join(POLICIES)}, got {name!r}")

@@ -119,7 +119,8 @@ class Policy:
     "Base class: `policy(tokenset)` -> sorted kept indices (`[k]` for one image, `[B,k]` for a batch)."
     name = 'policy'
     capture = True   # per policy (instance or class) opt-out of the captured form on CUDA; module-wide: `CAPTURE`
-    def __init__(self, keep): self.keep = check_keep(keep)
+    def __init__(self, keep, merge_pruned:bool=False):
+        self.keep, self.merge_pruned = check_keep(keep), _check_bool(merge_pruned, 'merge_pruned')
     def __init_subclass__(cls, **kw): super().__init_subclass__(**kw); _param_names(cls)   # fail at class creation
 
     @property
@@ -137,8 +138,12 @@ class Policy:
         if missing: raise AttributeError(f"{type(self).__name__} must store its constructor argument(s) {missing} as "
                                          "attributes of the same name")
         return {n: getattr(self, n) for n in _param_names(type(self))}
-    def _key(self)->tuple: return (type(self),) + tuple((k, type(v), v) for k, v in self._params().items())  # 1 != 1.0 here
-    def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._params().items())})"
+    def _key(self)->tuple:   # 1 != 1.0 here; the merge flag counts even where a subclass's signature lacks it
+        return ((type(self),) + tuple((k, type(v), v) for k, v in self._params().items())
+                + (('merge_pruned', bool, getattr(self, 'merge_pruned', False)),))
+    def __repr__(self):   # `merge_pruned=False` (the default) is left out: plain selection policies print as before
+        ps = {k: v for k, v in self._params().items() if not (k == 'merge_pruned' and v is False)}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in ps.items())})"
     def __eq__(self, other): return self._key() == other._key() if isinstance(other, Policy) else NotImplemented
     def __hash__(self): return hash(self._key())
 
@@ -146,8 +151,29 @@ class Policy:
         "Kept indices `[B,k]` (any order, unique) for a batch with no padding. Implemented by each policy."
         raise NotImplementedError
 
-    def __call__(self, ts:TokenSet)->Tensor:
-        "Sorted kept indices of `ts`: `[k]` for one image, `[B,k_max]` for a batch (rows padded with -1 at the end)."
+    def __call__(self, ts:TokenSet):
+        """Sorted kept indices of `ts`: `[k]` for one image, `[B,k_max]` for a batch (rows padded with -1 at the end).
+        With `merge_pruned=True`, a `merging.Reduction` in LLM space instead (the same indices, every dropped token
+        averaged into its most similar kept token), unless every token is kept."""
+        out = self._indices(ts)
+        return self._merge_pruned(ts, out) if getattr(self, 'merge_pruned', False) else out
+
+    def _merge_pruned(self, ts:TokenSet, out:Tensor):
+        "Merge-back of the dropped tokens into the kept `out`: cosine of the LLM-space `feats`, size-weighted means."
+        from tokprune_nb.merging import Reduction, merge_back
+        bt, idx = ts.unsqueeze(), (out if ts.batched else out[None])
+        B, N, D = bt.feats.shape
+        valid = [torch.arange(N, device=bt.device) if bt.mask is None else bt.mask[b].nonzero().squeeze(-1) for b in range(B)]
+        kept = [r[r >= 0] for r in idx]
+        if all(k.numel() == v.numel() for k, v in zip(kept, valid)): return out       # keeps all: plain indices
+        feats = bt.feats.new_zeros(B, idx.shape[1], D); size = torch.zeros(B, idx.shape[1], device=bt.device)
+        for b, (v, k) in enumerate(zip(valid, kept)):   # image by image: the same arithmetic alone and in a batch
+            f, s = merge_back(bt.feats[b, v][None], torch.searchsorted(v, k)[None])
+            feats[b, :k.numel()], size[b, :k.numel()] = f[0], s[0]
+        return Reduction(out, feats if ts.batched else feats[0], size if ts.batched else size[0], space="llm")
+
+    def _indices(self, ts:TokenSet)->Tensor:
+        "The kept indices (what `__call__` returns without merging)."
         if not isinstance(ts, TokenSet): raise TypeError(f"`ts` must be a TokenSet, got {type(ts).__name__}")
         for name in sorted(self.needs):
             if not ts.has(name):
@@ -193,11 +219,11 @@ def topk_indices(scores:Tensor, k:int)->Tensor:
     # a stable sort makes ties deterministic and identical for a batch and its images
     return scores.float().sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
-# %% ../nbs/03_policies.ipynb #b6d637a6
+# %% ../nbs/03_policies.ipynb #4ec14af0
 class RandomPrune(Policy):
     "Keep a seeded uniformly random subset of the visual tokens."
     name = 'random'
-    def __init__(self, keep, seed:int=0): super().__init__(keep); self.seed = _check_seed(seed)
+    def __init__(self, keep, seed:int=0, merge_pruned:bool=False): super().__init__(keep, merge_pruned); self.seed = _check_seed(seed)
     def _select(self, ts, k): return _random_keep(self.seed, ts.n_tokens, k).to(ts.device).expand(ts.batch_size, k)
 
 @torch.compiler.assume_constant_result
@@ -255,12 +281,12 @@ class UniformPrune(Policy):
         if len(memo) == 1: return memo[grids[0]].expand(ts.batch_size, k)
         return torch.stack([memo[g] for g in grids])
 
-# %% ../nbs/03_policies.ipynb #6abb167d
+# %% ../nbs/03_policies.ipynb #4a88c8a0
 class ClsAttnPrune(Policy):
     "Keep the tokens with the highest saliency (CLS attention), FasterVLM-style."
     name = 'cls_attn'
-    def __init__(self, keep, saliency_layer:int=-2):
-        super().__init__(keep); self.saliency_layer = _check_layer(saliency_layer)
+    def __init__(self, keep, saliency_layer:int=-2, merge_pruned:bool=False):
+        super().__init__(keep, merge_pruned); self.saliency_layer = _check_layer(saliency_layer)
     @property
     def needs(self)->frozenset: "TokenSet fields this policy requires: `saliency`."; return frozenset({'saliency'})
     def _select(self, ts, k): return topk_indices(ts.saliency, k)
@@ -268,8 +294,8 @@ class ClsAttnPrune(Policy):
 class RelevancePrune(Policy):
     "Keep the tokens most similar to the prompt (cosine in LLM input space)."
     name = 'relevance'
-    def __init__(self, keep, reduce:str='mean'):
-        super().__init__(keep); self.reduce = _check_choice(reduce, 'reduce', ('mean', 'max'))
+    def __init__(self, keep, reduce:str='mean', merge_pruned:bool=False):
+        super().__init__(keep, merge_pruned); self.reduce = _check_choice(reduce, 'reduce', ('mean', 'max'))
     @property
     def needs(self)->frozenset: "TokenSet fields this policy requires: `prompt`."; return frozenset({'prompt'})
     def _select(self, ts, k): return topk_indices(_relevance(ts.feats, ts.prompt, ts.prompt_mask, self.reduce), k)
@@ -285,8 +311,8 @@ def _unit(x:Tensor, normalize:bool)->Tensor:
 class KMeansPrune(Policy):
     "k-means with k = budget over all tokens; keep the token nearest each centre."
     name = 'kmeans'
-    def __init__(self, keep, seed:int=0, iters:int=10, normalize:bool=True, n_trials:int|None=1):
-        super().__init__(keep)
+    def __init__(self, keep, seed:int=0, iters:int=10, normalize:bool=True, n_trials:int|None=1, merge_pruned:bool=False):
+        super().__init__(keep, merge_pruned)
         self.seed, self.iters, self.normalize = _check_seed(seed), _check_iters(iters), _check_bool(normalize, 'normalize')
         self.n_trials = _check_trials(n_trials)
     def _select(self, ts, k):
@@ -296,8 +322,8 @@ class KMeansPrune(Policy):
 class DivPrune(Policy):
     "Greedy max-min diversity selection (DivPrune)."
     name = 'divprune'
-    def __init__(self, keep, metric:str='cosine'):
-        super().__init__(keep); self.metric = _check_choice(metric, 'metric', ('cosine', 'euclidean'))
+    def __init__(self, keep, metric:str='cosine', merge_pruned:bool=False):
+        super().__init__(keep, merge_pruned); self.metric = _check_choice(metric, 'metric', ('cosine', 'euclidean'))
     def _select(self, ts, k): return _maxmin(ts.feats.float(), k, metric=self.metric, check=False)
 
 def _check_iters(iters)->int: return _check_int(iters, 'iters', 1)
@@ -340,8 +366,8 @@ def _dpp_one(feats:Tensor, quality:Tensor, k:int, eps:float)->Tensor:
 class DPPPrune(Policy):
     "Conditional DPP (CDPruner-style): diverse tokens, weighted towards prompt relevance."
     name = 'dpp'
-    def __init__(self, keep, theta:float=1.0, reduce:str='mean'):
-        super().__init__(keep)
+    def __init__(self, keep, theta:float=1.0, reduce:str='mean', merge_pruned:bool=False):
+        super().__init__(keep, merge_pruned)
         if isinstance(theta, bool) or not isinstance(theta, (int, float)):
             raise TypeError(f"`theta` must be a finite number >= 0, got {type(theta).__name__} {theta!r}")
         if not math.isfinite(theta) or theta < 0: raise ValueError(f"`theta` must be a finite number >= 0, got {theta!r}")
@@ -368,8 +394,9 @@ class ZSPAPrune(Policy):
                  iters:int=10,               # k-means iterations
                  n_trials:int|None=1,        # k-means++ candidates per seed: 1 = classic k-means++; None = sklearn's greedy 2+ln(k)
                  reduce:str='mean',          # prompt pooling for relevance: "mean" (paper) or "max"
-                 normalize:bool=True):       # cluster L2-normalised features (cosine geometry)
-        super().__init__(keep)
+                 normalize:bool=True,        # cluster L2-normalised features (cosine geometry)
+                 merge_pruned:bool=False):   # average each dropped token into its most similar kept token
+        super().__init__(keep, merge_pruned)
         self.relevance_frac = check_alpha(relevance_frac, 'relevance_frac')
         self.diversity = _check_choice(diversity, 'diversity', ('kmeans', 'maxmin'))
         self.seed, self.iters, self.normalize = _check_seed(seed), _check_iters(iters), _check_bool(normalize, 'normalize')
@@ -410,8 +437,9 @@ class ATP(Policy):
                  alpha:float=0.5,         # weight of the relevance term in [0,1]
                  saliency_layer:int=-1,   # vision layer whose CLS attention is the saliency (ATP: the last)
                  sign:int=1,              # +1 raw CLIP similarity, -1 inverted
-                 relevance:str='clip'):   # "clip" (paper) or "prompt" (LLM-space prompt relevance)
-        super().__init__(keep)
+                 relevance:str='clip',    # "clip" (paper) or "prompt" (LLM-space prompt relevance)
+                 merge_pruned:bool=False):# average each dropped token into its most similar kept token
+        super().__init__(keep, merge_pruned)
         self.alpha = check_alpha(alpha); self.saliency_layer = _check_layer(saliency_layer)
         if isinstance(sign, bool) or not isinstance(sign, int):
             raise TypeError(f"`sign` must be 1 or -1 (an int), got {type(sign).__name__} {sign!r}")
@@ -439,6 +467,6 @@ class ATP(Policy):
 
     def _select(self, ts, k): return topk_indices(self.scores(ts), k)
 
-# %% ../nbs/03_policies.ipynb #e7b455c7
+# %% ../nbs/03_policies.ipynb #0b91fdc0
 POLICIES = {p.name: p for p in (ZSPAPrune, ATP, RandomPrune, UniformPrune, ClsAttnPrune, RelevancePrune,
                                 KMeansPrune, DivPrune, DPPPrune)}

@@ -13,9 +13,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..core import TokenSet, check_tensor
 
 # %% auto #0
-__all__ = ['TESTED_TRANSFORMERS', 'NEEDS', 'PER_TOKEN_FILL', 'ImageTokens', 'Prepared', 'policy_needs', 'check_policy_inputs',
-           'check_inputs', 'image_rows', 'text_token_mask', 'prompt_embeddings', 'clip_text_embeddings', 'check_budget',
-           'run_policy', 'shorten_rows', 'pad_token_id', 'splice_generated', 'Adapter']
+__all__ = ['TESTED_TRANSFORMERS', 'NEEDS', 'PER_TOKEN_FILL', 'ImageTokens', 'Prepared', 'policy_needs', 'policy_wants',
+           'check_policy_inputs', 'check_inputs', 'image_rows', 'text_token_mask', 'prompt_embeddings',
+           'clip_text_embeddings', 'check_budget', 'run_policy', 'shorten_rows', 'pad_token_id', 'splice_generated',
+           'Adapter']
 
 # %% ../../nbs/adapters/base.ipynb #02ed373b
 TESTED_TRANSFORMERS = "5.24"
@@ -61,6 +62,14 @@ def policy_needs(policy)->frozenset:
     if not needs <= NEEDS:
         raise ValueError(f"`policy.needs` must be a subset of {sorted(NEEDS)}, got {sorted(needs)}")
     return needs
+
+def policy_wants(policy)->frozenset:
+    """The TokenSet fields `policy` uses when an adapter can provide them (`policy.wants`, empty if it has none), besides
+    its needs; `ValueError` on unknown names. VisionZip wants pre-projector features and keys, and runs without them."""
+    wants = frozenset(getattr(policy, "wants", ()) or ())
+    if not wants <= NEEDS:
+        raise ValueError(f"`policy.wants` must be a subset of {sorted(NEEDS)}, got {sorted(wants)}")
+    return wants - policy_needs(policy)
 
 def check_policy_inputs(policy, *, clip=None, clip_tokenizer=None, tokenizer=None)->frozenset:
     "Raise `ValueError` if `policy` needs CLIP inputs that were not given to `pruned`; returns its needs."
@@ -179,6 +188,9 @@ def _check_reduction(r, sel:Tensor, i:int, policy, dims:dict)->tuple:
     k = sel.numel()
     f, size = r.feats, r.size
     want = dims.get(r.space)
+    if r.space == "vision" and want is None:
+        raise ValueError(f"`policy` {name} returned vision-space (pre-projector) features for image {i}, but the adapter "
+                         "provided none to merge; return LLM-space features (`space='llm'`) on this family")
     if f.shape != (k, f.shape[-1]) or (want is not None and f.shape[-1] != want):
         raise ValueError(f"`policy` {name} returned features of shape {tuple(f.shape)} for image {i}; expected ({k}, {want}) "
                          f"in {r.space!r} space")
@@ -313,6 +325,11 @@ class Adapter:
                              f"{type(self).__name__} does not provide yet (families that do: set `merge_features`)")
         return needs
 
+    def wanted(self, policy)->frozenset:
+        """The optional evidence (`policy.wants`) this adapter provides besides the needs: pre-projector features and keys
+        where it can (`merge_features`), nothing else. A policy that only *wants* them (VisionZip) runs either way."""
+        return policy_wants(policy) & frozenset({"vision_feats", "keys"}) if self.merge_features else frozenset()
+
     def project(self, vision_feats:Tensor)->Tensor:
         "Map pre-projector features `[k,Dv]` (a vision-space Reduction's merged tokens) into the LLM input space."
         raise NotImplementedError(f"{type(self).__name__} cannot project vision-space features")
@@ -380,7 +397,7 @@ class Adapter:
             counts = counts if isinstance(counts, dict) else {next(iter(kinds)): counts}
             for kind, c in counts.items(): image_rows(is_vis[kind].sum(1).tolist(), c)
             check_budget(policy, [n for c in counts.values() for n in c])
-        imgs = self.encode(inputs, needs, policy)
+        imgs = self.encode(inputs, needs | self.wanted(policy), policy)
         unknown = sorted({im.kind for im in imgs} - set(kinds))
         if unknown: raise ValueError(f"`encode` returned tokens of kind(s) {unknown}, but the inputs hold only {sorted(kinds)}")
         rows = [0] * len(imgs)

@@ -83,7 +83,7 @@ def qwen_vision_tokens(
     q, k, _ = qkv.reshape(qkv.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = apply_rotary_pos_emb_vision(q, k, *cap["pe"])     # as the block does it
     q, k = q.transpose(0, 1).contiguous(), k.transpose(0, 1).contiguous()    # [H, P, dh]
-    chunk = lambda L: chunk_size or max(1, (1 << 20) // (attn.num_heads * L))   # cache-sized chunks are ~2-3x faster
+    chunk = lambda L: chunk_size or max(1, (1 << 20) // (attn.num_heads * int(L)))   # cache-sized chunks, ~2-3x faster; int(): fvcore traces shapes as tensors
     per_patch = torch.cat([cls_attention_scores(qi, ki, has_cls=False, scale=attn.scaling, chunk_size=chunk(qi.shape[1]))
                            for qi, ki in zip(q.split(sizes, 1), k.split(sizes, 1))])
     per_merged = per_patch.view(-1, m * m).mean(-1)[torch.argsort(window_index.to(per_patch.device))]

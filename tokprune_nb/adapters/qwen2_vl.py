@@ -48,7 +48,7 @@ def full_attention_tokens(
     q, k, _ = qkv.reshape(qkv.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = rotary(q, k, *cap["pe"])
     q, k = q.transpose(0, 1).contiguous(), k.transpose(0, 1).contiguous()    # [H, P, dh]
-    chunk = lambda L: chunk_size or max(1, (1 << 20) // (attn.num_heads * L))
+    chunk = lambda L: chunk_size or max(1, (1 << 20) // (attn.num_heads * int(L)))   # int: a traced shape (fvcore) is a tensor
     per_patch = torch.cat([cls_attention_scores(qi, ki, has_cls=False, scale=attn.scaling, chunk_size=chunk(qi.shape[1]))
                            for qi, ki in zip(q.split(sizes, 1), k.split(sizes, 1))])
     per_merged = per_patch.view(-1, m * m).mean(-1)
