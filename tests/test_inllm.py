@@ -1,8 +1,10 @@
-"""In-LLM pruning (tokprune_nb.inllm): the shared mechanism and FastV, on every registered family it supports.
+"""In-LLM pruning (tokprune_nb.inllm): the shared mechanism, FastV, PyramidDrop, SparseVLM and DART, on every registered
+family it supports (a family is supported when `InsideRunner` accepts its tiny model; the others are refused up front).
 
-Tiny random models with 4 decoder layers; the stage is at layer 2 (FastV scores with layer 1's own q/k)."""
+Tiny random models with 4 decoder layers (the family's tiny config, deepened). FastV/DART stage at layer 2 (scoring
+with layer 1), PyramidDrop at its default 1/2/3 of 4, SparseVLM scoring at its scaled layers 0/1/2 (stages 1/2/3)."""
 from types import SimpleNamespace
-import math
+import copy, math
 import pytest
 import torch
 import tokprune_nb.inllm.base as inllm_base
@@ -10,20 +12,54 @@ from tokprune_nb.registry import families
 from tokprune_nb.inject import pruned
 from tokprune_nb.inllm.base import InsideRunner, Stage, check_stages, text_model
 from tokprune_nb.inllm.fastv import FastV
+from tokprune_nb.inllm.pdrop import PyramidDrop
+from tokprune_nb.inllm.sparsevlm import SparseVLM
+from tokprune_nb.inllm.dart import DART
+from tokprune_nb.inllm.methods import INSIDE, equal_flops, image_share
 from tokprune_nb.policies import RandomPrune
 
 torch.set_grad_enabled(False)
-LAYERS = {"llava": dict(text_layers=4), "qwen2.5-vl": dict(layers=4), "qwen2-vl": dict(layers=4)}    # families the in-LLM stages support
-FAMS = [f for f in families().values() if f.name in LAYERS]
 PROMPTS = ["what is in the image ?", "how many dog are there on the left ?", "describe the image"]
-SIZES = [(56, 56), (28, 84), (112, 112)]                                 # Qwen: different image-token counts per row
+SIZES = [(56, 56), (28, 84), (112, 112)]                                 # different image-token counts per row
 K = 2
+N_LAYERS = 4
+METHODS = {"fastv": (FastV(layer=K, keep=0.5), FastV(layer=K, keep=1.0)),
+           "pdrop": (PyramidDrop(ratio=0.5), PyramidDrop(ratio=1.0)),
+           "sparsevlm": (SparseVLM(keep=(0.5, 0.25, 0.125)), SparseVLM(keep=(1.0, 1.0, 1.0))),
+           "dart": (DART(layer=K, keep=0.5), DART(layer=K, keep=1.0))}
+
+
+def build(f, seed:int=0, **kw):
+    "The family's tiny model with a 4-layer language model (its config deepened, weights re-drawn from `seed`)."
+    m, proc = f.tiny(seed, **kw)
+    cfg = copy.deepcopy(m.config)
+    tc = getattr(cfg, "text_config", cfg)
+    tc.num_hidden_layers = N_LAYERS
+    if getattr(tc, "layer_types", None): tc.layer_types = [tc.layer_types[-1]] * N_LAYERS
+    torch.manual_seed(seed)
+    model = type(m)(cfg).eval()
+    model.generation_config = copy.deepcopy(m.generation_config)
+    return model, proc
+
+
+def _supported(f)->bool:
+    try: InsideRunner(f.tiny(0)[0], FastV(layer=1, keep=0.5)); return True
+    except ValueError: return False
+
+FAMS = [f for f in families().values() if _supported(f)]
+
+
+def test_supported_families():
+    "LLaVA, LLaVA-NeXT and Qwen2.5-VL at least; Qwen3-VL (DeepStack) and Qwen3.5 (linear attention) are refused."
+    names = {f.name for f in FAMS}
+    assert {"llava", "llava-next", "qwen2.5-vl"} <= names
+    assert not names & {"qwen3-vl", "qwen3.5"}
 
 
 @pytest.fixture(scope="module", params=FAMS, ids=lambda f: f.name)
 def fx(request):
     f = request.param
-    model, proc = f.tiny(0, **LAYERS[f.name])
+    model, proc = build(f)
     x = dict(f.inputs(proc, PROMPTS, sizes=SIZES, seed=0))
     alone = [dict(f.inputs(proc, [p], sizes=[s], seed=i)) for i, (p, s) in enumerate(zip(PROMPTS, SIZES))]
     gen = dict(max_new_tokens=5, do_sample=False, suppress_tokens=list(f.adapter(model).special_token_ids()))
@@ -90,7 +126,7 @@ def test_stage_layer_sees_exactly_the_survivors(fx):
 
 def test_selection_is_fastv_last_token_attention(fx):
     "The kept image tokens are the top ones of layer K-1's head-averaged attention of the last token (eager reference)."
-    model, _ = fx.f.tiny(0, attn_implementation="eager", **LAYERS[fx.f.name])
+    model, _ = build(fx.f, attn_implementation="eager")
     ids, am = fx.x["input_ids"], fx.x["attention_mask"].bool()
     with pruned(model, None) as c0:
         ref = model(**fx.x, output_attentions=True).attentions[K - 1]            # [B,H,L,L], unpruned
@@ -183,7 +219,7 @@ def test_arguments():
 
 def test_eager_kernel_generate(fx):
     "The eager kernel gets float additive masks: batched == alone, cache == no cache."
-    model, _ = fx.f.tiny(0, attn_implementation="eager", **LAYERS[fx.f.name])
+    model, _ = build(fx.f, attn_implementation="eager")
     with pruned(model, None, inside=FastV(layer=K, keep=0.5)):
         out = model.generate(**fx.x, **fx.gen)
         assert torch.equal(out, model.generate(**fx.x, **fx.gen, use_cache=False))
@@ -202,6 +238,13 @@ def test_deepcopy_inside_is_an_ordinary_model(fx):
 
 def test_refused_where_not_supported():
     fams = families()
+    q35 = [f for f in fams.values() if f.name == "qwen3.5"]
+    if q35:
+        model, _ = q35[0].tiny(0)
+        before = state(model)
+        with pytest.raises(ValueError, match="full-attention"):
+            with pruned(model, None, inside=DART(layer=1, keep=0.5)): pass
+        assert state(model) == before
     q3 = [f for f in fams.values() if f.name == "qwen3-vl"]
     if q3:
         model, _ = q3[0].tiny(0)
@@ -210,7 +253,133 @@ def test_refused_where_not_supported():
             with pruned(model, None, inside=FastV(layer=1, keep=0.5)): pass
         assert state(model) == before
     f = FAMS[0]
-    model, proc = f.tiny(0, **LAYERS[f.name])
+    model, proc = build(f)
     x = dict(f.inputs(proc, PROMPTS[:1], sizes=SIZES[:1]))
     with pruned(model, None, inside=FastV(layer=K, keep=0.5)):
         with pytest.raises(ValueError, match="labels"): model(**x, labels=x["input_ids"])
+
+
+# ---- the four methods, every supported family --------------------------------------------------------------------
+def _counts(policy, n_img:int)->list:
+    "Image tokens of one sample after each stage (chained `Stage.count`)."
+    out = []
+    for st in policy.stages(N_LAYERS):
+        n_img = st.count(n_img); out.append(n_img)
+    return out
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_keep_all_is_bit_exact(fx, method):
+    ref = fx.model(**fx.x).logits
+    ref_g = fx.model.generate(**fx.x, **fx.gen)
+    with pruned(fx.model, None, inside=METHODS[method][1]) as ctx:
+        assert torch.equal(fx.model(**fx.x).logits, ref)
+        assert torch.equal(fx.model.generate(**fx.x, **fx.gen), ref_g)
+        assert all(k is not None for k in ctx.inside.kept)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_layers_see_exactly_the_survivors(fx, method):
+    policy = METHODS[method][0]
+    ids, am = fx.x["input_ids"], fx.x["attention_mask"].bool()
+    with pruned(fx.model, None, inside=policy) as ctx:
+        seen, hs = lengths(fx.model)
+        try: out = fx.model(**fx.x)
+        finally:
+            for h in hs: h.remove()
+        kept = ctx.inside.kept
+    stages = policy.stages(N_LAYERS)
+    n_img = ((ids == fx.img) & am).sum(1); n_txt = (am & (ids != fx.img)).sum(1)
+    want = [[int(t) + c for c in _counts(policy, int(n))] for t, n in zip(n_txt, n_img)]    # [sample][stage]
+    assert len(kept) == len(stages)
+    for s in range(len(stages)):
+        assert [k.numel() for k in kept[s]] == [w[s] for w in want]
+        for b, k in enumerate(kept[s]):
+            assert am[b, k].all() and int((ids[b, k] != fx.img).sum()) == int(n_txt[b])   # text never pruned
+            if s: assert torch.isin(k, kept[s - 1][b]).all()                              # survivors of survivors
+    for l in range(N_LAYERS):
+        done = [s for s, st in enumerate(stages) if st.layer <= l]
+        expect = ids.shape[1] if not done else max(w[done[-1]] for w in want)
+        assert seen[l] == [expect], (l, seen[l], expect)
+    assert out.logits.shape[1] == max(w[-1] for w in want)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_generate_batched_alone_and_cache(fx, method):
+    policy = METHODS[method][0]
+    with pruned(fx.model, None, inside=policy):
+        out = fx.model.generate(**fx.x, **fx.gen)
+        assert torch.equal(out, fx.model.generate(**fx.x, **fx.gen, use_cache=False))
+        for i, xi in enumerate(fx.alone):
+            assert torch.equal(out[i, -5:], fx.model.generate(**xi, **fx.gen)[0, -5:]), i
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_model_unchanged_after_exit_and_exception(fx, method):
+    policy = METHODS[method][0]
+    before = state(fx.model); ref = fx.model(**fx.x).logits
+    with pruned(fx.model, None, inside=policy):
+        fx.model(**fx.x)
+    assert state(fx.model) == before and torch.equal(fx.model(**fx.x).logits, ref)
+    with pytest.raises(KeyError):
+        with pruned(fx.model, None, inside=policy):
+            fx.model.generate(**fx.x, **fx.gen); raise KeyError("boom")
+    assert state(fx.model) == before and torch.equal(fx.model(**fx.x).logits, ref)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_composes_with_pre_llm_policy(fx, method):
+    policy = METHODS[method][0]
+    with pruned(fx.model, RandomPrune(keep=0.5), inside=policy) as ctx:
+        seen, hs = lengths(fx.model)
+        try: fx.model(**fx.x)
+        finally:
+            for h in hs: h.remove()
+        short, sam = ctx.last.kwargs["input_ids"], ctx.last.kwargs["attention_mask"].bool()
+        kept = ctx.inside.kept
+    n_img = ((short == fx.img) & sam).sum(1); n_txt = (sam & (short != fx.img)).sum(1)
+    want = [int(t) + _counts(policy, int(n))[-1] for t, n in zip(n_txt, n_img)]
+    assert [k.numel() for k in kept[-1]] == want
+    assert seen[0] == [short.shape[1]] and seen[N_LAYERS - 1] == [max(want)] < [short.shape[1]]
+
+
+# ---- names and budgets -------------------------------------------------------------------------------------------
+def test_methods_by_name_and_arguments():
+    assert set(INSIDE) == {"fastv", "pdrop", "sparsevlm", "dart"}
+    for name, (p, full) in METHODS.items():
+        assert isinstance(p, INSIDE[name]) and eval(repr(p)) == p and eval(repr(full)) == full
+    for cls, bad, exc in ((PyramidDrop, dict(ratio=0), ValueError), (PyramidDrop, dict(layers=(3, 1)), ValueError),
+                          (PyramidDrop, dict(layers=2), TypeError), (SparseVLM, dict(keep=(0.2, 0.4)), ValueError),
+                          (SparseVLM, dict(keep=0.5), TypeError), (SparseVLM, dict(keep=(0.5,), layers=(1, 2)), ValueError),
+                          (DART, dict(layer=0), ValueError), (DART, dict(image_pivots=0), ValueError),
+                          (DART, dict(text_pivots=1.5), TypeError), (DART, dict(keep=2), ValueError)):
+        with pytest.raises(exc, match=next(iter(bad))): cls(**bad)
+    with pytest.raises(ValueError, match="layers"):          # defaults too deep for the toy LLaVA's 3-layer LM
+        PyramidDrop().stages(3)
+    with pytest.raises(ValueError, match="layers"): SparseVLM().stages(3)
+    assert [s.layer for s in PyramidDrop(layers=(1, 2)).stages(3)] == [1, 2]
+    assert [s.layer for s in SparseVLM(keep=(0.5, 0.25), layers=(0, 1)).stages(3)] == [1, 2]
+
+
+@pytest.mark.parametrize("name", list(INSIDE))
+@pytest.mark.parametrize("keep,n_layers", [(0.5, 32), (0.25, 28), (0.6, 4)])
+def test_equal_flops_matches_the_pre_llm_share(name, keep, n_layers):
+    kw = dict(layers=(1, 4, 8)) if name == "pdrop" and n_layers != 4 else {}
+    p = equal_flops(name, keep, n_layers, **kw)
+    assert isinstance(p, INSIDE[name]) and math.isclose(image_share(p, n_layers), keep, rel_tol=1e-6)
+
+
+def test_equal_flops_refuses_what_a_method_cannot_reach():
+    with pytest.raises(ValueError, match="keep"): equal_flops("fastv", 2 / 32, 32)     # 2 full layers of 32 = 0.0625
+    with pytest.raises(ValueError, match="keep"): equal_flops("pdrop", 0.2, 32)        # 8 full layers of 32 = 0.25
+    with pytest.raises(ValueError, match="name"): equal_flops("tome", 0.5, 32)
+    with pytest.raises(ValueError, match="ratio"): equal_flops("pdrop", 0.5, 32, ratio=0.3)
+    with pytest.raises(ValueError, match="schedule"): equal_flops("fastv", 0.5, 32, schedule=(0.5,))
+
+
+def test_equal_flops_runs_on_the_toy_depth():
+    "The toy LLaVA's LM has 3 layers: stage layer 1 (FastV/DART), PyramidDrop/SparseVLM with explicit layers."
+    for name, kw in (("fastv", dict(layer=1)), ("dart", dict(layer=1)), ("pdrop", dict(layers=(1, 2))),
+                     ("sparsevlm", dict(layers=(0, 1)))):
+        p = equal_flops(name, 0.5, 3, **kw)
+        assert math.isclose(image_share(p, 3), 0.5, rel_tol=1e-6)

@@ -189,8 +189,11 @@ class InsideRunner:
         if "deepstack_visual_embeds" in inspect.signature(self.text.forward).parameters:
             raise ValueError(f"in-LLM pruning does not support {type(self.text).__name__}: its DeepStack features are added "
                              "to the image tokens' hidden states inside the decoder (not written for a shortened sequence)")
-        if "sliding_attention" in (getattr(self.text.config, "layer_types", None) or []):
-            raise ValueError("in-LLM pruning does not support sliding-window attention layers")
+        types = set(getattr(self.text.config, "layer_types", None) or [])
+        if "sliding_attention" in types: raise ValueError("in-LLM pruning does not support sliding-window attention layers")
+        if types - {"full_attention"} or not all(hasattr(l, "self_attn") for l in self.text.layers):
+            raise ValueError(f"in-LLM pruning supports decoders of full-attention layers only; {type(self.text).__name__} has "
+                             f"{sorted(types - {'full_attention'}) or 'layers without self_attn'} (recurrent state, not a per-token cache)")
         self.impl, self.handles, self.state = impl, [], None
         self.wants_input = type(policy).prepare is not InLLMPolicy.prepare
 

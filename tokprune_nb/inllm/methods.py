@@ -55,6 +55,8 @@ def equal_flops(
     name,              # a key of `INSIDE` or one of its classes
     keep:float,        # the pre-LLM budget to match: mean share of image tokens per decoder layer, in (0, 1]
     n_layers:int,      # the decoder's depth (e.g. 32 for LLaVA-1.5-7B, 28 for Qwen2.5-VL-7B)
+    *,
+    schedule:tuple=None,  # SparseVLM only: the shape of its per-stage shares (default: its published 192-token schedule, one entry per stage)
     **fixed,           # the method's other arguments (its layers), kept as given
 )->InLLMPolicy:
     "The method, with its budget knob set so that its mean image-token share per layer equals pre-LLM `keep`."
@@ -64,8 +66,8 @@ def equal_flops(
     if not 0 < keep <= 1: raise ValueError(f"`keep` must be in (0, 1], got {keep}")
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"`n_layers` must be a positive int, got {n_layers!r}")
-    for k in ("keep", "ratio"):
-        if k in fixed: raise ValueError(f"`{k}` is what `equal_flops` sets; pass the other arguments only")
+    if "ratio" in fixed: raise ValueError("`ratio` is what `equal_flops` sets; pass the other arguments only")
+    if schedule is not None and cls is not SparseVLM: raise ValueError(f"`schedule` is for SparseVLM only, not {cls.__name__}")
     share = lambda p: image_share(p, n_layers)
     if cls in (FastV, DART):
         K = cls(**fixed).layer
@@ -76,8 +78,9 @@ def equal_flops(
     if cls is PyramidDrop:
         lam = _bisect(lambda x: share(PyramidDrop(**fixed, ratio=x)), 1e-9, 1.0, keep, "PyramidDrop")
         return PyramidDrop(**fixed, ratio=lam)
-    base = SparseVLM(**fixed).keep if "keep" not in fixed else fixed["keep"]
     layers = fixed.get("layers")
+    base = schedule if schedule is not None else SparseVLM().keep[:len(layers) if layers is not None else None]
+    base = SparseVLM(keep=base, layers=layers).keep                     # validated
     sched = lambda c: tuple(min(1.0, c * a) for a in base)
     c = _bisect(lambda c: share(SparseVLM(keep=sched(c), layers=layers)), 1e-9, 1 / min(base), keep, "SparseVLM")
     return SparseVLM(keep=sched(c), layers=layers)
