@@ -230,3 +230,45 @@ def test_flops_three_way_for_merging_policies(builder):
         assert fv.batch == 3 and fv.llm == analytic_prefill_flops(m.config, fv.seq_len, batch=3)
         assert fv.seq_len == plain.seq_len and fv.selection > 0
     assert count_flops(m, inp, DivPrune(0.25, merge_pruned=True)).selection > plain.selection   # the merge is counted
+
+
+def _tome_reference(x, k):
+    "ToMe's bipartite soft matching written plainly (lists, one pair at a time), rounds until k tokens remain."
+    toks = [(i, x[i].double(), 1.0) for i in range(x.shape[0])]            # (slot, feature, size) in slot order
+    while len(toks) > k:
+        A, B = toks[0::2], toks[1::2]
+        r = min(len(toks) - k, len(A), len(B))
+        cos = lambda u, v: float(u @ v / (u.norm() * v.norm()))
+        best = []
+        for ai, (_, fa, _) in enumerate(A):
+            sims = [cos(fa, fb) for _, fb, _ in B]
+            j = max(range(len(B)), key=lambda t: (sims[t], -t))            # first maximum
+            best.append((sims[j], ai, j))
+        order = sorted(range(len(A)), key=lambda ai: (-best[ai][0], ai))   # stable, descending
+        merged = {ai for ai in order[:r]}
+        Bn = [list(t) for t in B]
+        for ai in order[:r]:
+            _, _, j = best[ai]; sa, fa, wa = A[ai]
+            sb, fb, wb = Bn[j]
+            Bn[j] = [sb, (fb * wb + fa * wa) / (wb + wa), wb + wa]
+        toks = sorted([A[ai] for ai in range(len(A)) if ai not in merged] + [tuple(t) for t in Bn], key=lambda t: t[0])
+    return torch.tensor([t[0] for t in toks]), torch.stack([t[1] for t in toks]).float(), torch.tensor([t[2] for t in toks])
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("n,k", [(16, 4), (17, 5), (40, 13), (9, 8)])
+def test_tome_matches_a_plain_reference_and_batches(seed, n, k):
+    from tokprune_nb.merging import tome_reduce, ToMePrune
+    from tokprune_nb.core import TokenSet
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    slots, f, size = tome_reduce(x, k)
+    rs, rf, rsz = _tome_reference(x, k)
+    assert torch.equal(slots, rs) and torch.equal(size, rsz.float())
+    torch.testing.assert_close(f, rf, atol=1e-5, rtol=1e-5)
+    assert float(size.sum()) == n
+    sets = [TokenSet(x), TokenSet(torch.randn(n + 3, 6, generator=g))]
+    batch = ToMePrune(k)(TokenSet.stack(sets))
+    for b, s in enumerate(sets):
+        alone = ToMePrune(k)(s)
+        assert torch.equal(batch.index[b, :k], alone.index) and torch.equal(batch.feats[b, :k], alone.feats)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['SPACES', 'VISIONZIP_RATIO', 'MERGING', 'Reduction', 'merge_back', 'visionzip_reduce', 'VisionZip', 'merging_policy']
+__all__ = ['SPACES', 'VISIONZIP_RATIO', 'MERGING', 'Reduction', 'merge_back', 'visionzip_reduce', 'VisionZip', 'tome_reduce',
+           'ToMePrune', 'merging_policy']
 
 # %% ../nbs/03b_merging.ipynb #d216b24f
 SPACES = ("llm", "vision")
@@ -167,10 +168,55 @@ class VisionZip(Policy):
         for b, (sl, fb, sb) in enumerate(res): idx[b, :len(sl)], f[b, :len(sl)], size[b, :len(sl)] = sl, fb, sb
         return Reduction(idx, f, size, space=space)
 
-# %% ../nbs/03b_merging.ipynb #336d9e69
+# %% ../nbs/03b_merging.ipynb #1309b8f2
+def tome_reduce(
+    x:Tensor,     # [N,D] the tokens of one image
+    k:int,        # tokens to keep, 1 <= k <= N
+)->tuple:         # (slots [k] sorted, features [k,D], size [k])
+    "ToMe's bipartite soft matching, repeated until `k` tokens remain: each round merges the most similar A→B pairs."
+    N = x.shape[0]
+    if not 1 <= k <= N: raise ValueError(f"`k` must be in [1, {N}], got {k}")
+    slots = torch.arange(N, device=x.device); size = torch.ones(N, device=x.device)
+    f = x.float().clone()
+    while slots.numel() > k:
+        n = slots.numel(); a, b = torch.arange(0, n, 2, device=x.device), torch.arange(1, n, 2, device=x.device)
+        r = min(n - k, a.numel(), b.numel())
+        m = F.normalize(f, dim=-1)
+        best, dst = (m[a] @ m[b].T).max(-1)                                     # each A token's most similar B token
+        order = best.sort(descending=True, stable=True).indices
+        src, keep_a = order[:r], order[r:]
+        w = size[a[src]]
+        fb, sb = f[b] * size[b][:, None], size[b].clone()
+        fb.index_add_(0, dst[src], f[a[src]] * w[:, None]); sb.index_add_(0, dst[src], w)
+        survivors = torch.cat([a[keep_a], b])
+        new_f = torch.cat([f[a[keep_a]], fb / sb[:, None]]); new_s = torch.cat([size[a[keep_a]], sb])
+        o = slots[survivors].argsort()                                          # back to slot order
+        slots, f, size = slots[survivors][o], new_f[o], new_s[o]
+    return slots, f.to(x.dtype), size
+
+class ToMePrune(Policy):
+    "Token Merging (bipartite soft matching) of the visual tokens down to the budget, in LLM input space."
+    name = 'tome'
+    def __init__(self, keep): super().__init__(keep)
+
+    def __call__(self, ts:TokenSet):
+        "A `Reduction` in LLM space (`[k]` / `[B,k_max]` slots, -1 padded), or plain indices when every token is kept."
+        if not isinstance(ts, TokenSet): raise TypeError(f"`ts` must be a TokenSet, got {type(ts).__name__}")
+        sets = ts.split() if ts.batched else [ts]
+        ks = [self.budget(s.n_tokens) for s in sets]
+        if all(k == s.n_tokens for k, s in zip(ks, sets)): return self._indices(ts)
+        res = [tome_reduce(s.feats, k) for s, k in zip(sets, ks)]
+        if not ts.batched: return Reduction(*res[0], space="llm")
+        K, D = max(ks), ts.feats.shape[-1]
+        idx = torch.full((len(sets), K), -1, dtype=torch.long, device=ts.device)
+        f = ts.feats.new_zeros(len(sets), K, D); size = torch.zeros(len(sets), K, device=ts.device)
+        for b, (sl, fb, sb) in enumerate(res): idx[b, :len(sl)], f[b, :len(sl)], size[b, :len(sl)] = sl, fb, sb
+        return Reduction(idx, f, size, space="llm")
+
+# %% ../nbs/03b_merging.ipynb #e00d1f9f
 from .policies import POLICIES
 
-MERGING = {p.name: p for p in (VisionZip,)}
+MERGING = {p.name: p for p in (VisionZip, ToMePrune)}
 
 def merging_policy(name:str, keep, **kwargs)->Policy:
     "The merging policy `name` of `MERGING`, or `\"<selection policy>+merge\"` (that policy with `merge_pruned=True`)."
