@@ -170,6 +170,7 @@ def chat_inputs(
     content = lambda p, n: [{"type": "image"}] * n + ([{"type": "text", "text": p}] if p else [])
     texts = [processor.apply_chat_template([{"role": "user", "content": content(p, n)}], add_generation_prompt=True,
                                            tokenize=False) for p, n in zip(prompts, n_images)]
-    if isinstance(processor, transformers.LlavaOnevisionProcessor):
+    if isinstance(processor, (transformers.LlavaOnevisionProcessor, transformers.Gemma3Processor, transformers.Idefics3Processor,
+                              transformers.SmolVLMProcessor)):   # nested per sample
         it = iter(images); images = [[next(it) for _ in range(n)] for n in n_images]
     return dict(processor(text=texts, images=images, return_tensors="pt", padding=True))

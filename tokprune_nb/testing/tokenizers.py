@@ -24,6 +24,7 @@ def word_tokenizer(
     padding_side:str="left",     # "left" for generation, "right" for text towers
     chat_template:str|None=None, # Jinja chat template
     model_max_length:int|None=None,
+    named_tokens:dict|None=None, # more named special tokens, e.g. {"boi_token": "<start_of_image>"} (Gemma 3's processor reads them)
 ):
     "An offline word-level `PreTrainedTokenizerFast`: whitespace split, ids = positions in `words`."
     from tokenizers import Tokenizer, Regex, models, pre_tokenizers, processors
@@ -33,6 +34,10 @@ def word_tokenizer(
     if len(set(words)) != len(words): raise ValueError("`words` has duplicates: each word needs one id")
     if padding_side not in ("left", "right"): raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}")
     named = dict(unk=unk, pad=pad, bos=bos, eos=eos, image_token=image_token)
+    named_tokens = dict(named_tokens or {})
+    for k, t in named_tokens.items():
+        if not isinstance(k, str) or not k.endswith("_token"): raise ValueError(f"`named_tokens` keys must end in '_token', got {k!r}")
+        if t not in words: raise ValueError(f"`named_tokens[{k!r}]` token {t!r} is not in `words`")
     for k, t in list(named.items()) + [(f"specials[{i}]", s) for i, s in enumerate(specials)]:
         if t is not None and t not in words: raise ValueError(f"`{k}` token {t!r} is not in `words`")
     vocab = {w: i for i, w in enumerate(words)}
@@ -46,7 +51,8 @@ def word_tokenizer(
         used = [t for t in template.split() if t in vocab]
         tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in used])
     kw = {f"{k}_token": v for k, v in named.items() if v is not None and k != "image_token"}
-    if image_token is not None: kw["extra_special_tokens"] = {"image_token": image_token}
+    extra = ({"image_token": image_token} if image_token is not None else {}) | named_tokens
+    if extra: kw["extra_special_tokens"] = extra
     if specials: kw["additional_special_tokens"] = list(specials)
     if chat_template is not None: kw["chat_template"] = chat_template
     if model_max_length is not None: kw["model_max_length"] = model_max_length
