@@ -31,18 +31,19 @@ venv: $(STAMP)
 
 # lmms-eval requires torchvision, but the registry's torchvision is CUDA-built: on a CPU torch it fails to import and
 # takes transformers down with it. So: lmms-eval with --no-deps, then its requirements minus torchvision/timm
-# (scripts/eval_requirements.py), with torch held at the installed build; then check that no torchvision came in.
+# (scripts/eval_requirements.py), with torch held at the installed build (and filelock<4, which lmms-eval 0.7.3
+# needs); then check that no torchvision came in.
 # Where a matching torchvision exists (a GPU box), `pip install -e ".[eval]"` is the plain route.
 EVAL_STAMP := $(VENV)/.installed-eval
 $(EVAL_STAMP): $(STAMP) scripts/eval_requirements.py
 	@t0=$$(date +%s); set -e; \
-	$(BIN)/python -m pip install --quiet --no-deps "$$($(BIN)/python scripts/eval_requirements.py pin)"; \
+	$(BIN)/python -m pip install --quiet --no-deps $$($(BIN)/python scripts/eval_requirements.py pin); \
 	$(BIN)/python scripts/eval_requirements.py > $(VENV)/eval-requirements.txt; \
-	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/eval-hold.txt; \
+	$(BIN)/python scripts/eval_requirements.py hold > $(VENV)/eval-hold.txt; \
 	$(BIN)/python -m pip install --quiet -r $(VENV)/eval-requirements.txt -c $(VENV)/eval-hold.txt; \
 	$(BIN)/python -c "import importlib.util as u, sys; sys.exit('torchvision got installed: remove it (pip uninstall torchvision)' if u.find_spec('torchvision') else 0)"; \
 	$(BIN)/python -m pip install --quiet --no-deps -e .; \
-	$(BIN)/python -c "import lmms_eval, lmms_eval.evaluator, transformers; from lmms_eval.models import get_model; get_model('tokprune'); from importlib.metadata import version; print('eval extra: lmms-eval', version('lmms-eval'), '| --model tokprune registered')"; \
+	$(BIN)/python -c "import lmms_eval, lmms_eval.evaluator, filelock._api, transformers; from lmms_eval.models import get_model; get_model('tokprune'); from importlib.metadata import version; print('eval extra: lmms-eval', version('lmms-eval'), '| --model tokprune registered')"; \
 	echo "eval extra installed in $$(( $$(date +%s) - t0 )) s"
 	touch $(EVAL_STAMP)
 

@@ -164,6 +164,10 @@ class TokPrune(_LMMBase):
         "Swap the reduction methods (policy objects, not names) without reloading the model (`tokprune eval`)."
         self.policy, self.inside = policy, inside
 
+    keep_loaded = False   # lmms-eval's `clean()` deletes the model after a run; `tokprune eval` reuses it
+    def clean(self):
+        if not self.keep_loaded and HAVE_LMMS_EVAL: super().clean()
+
     def _pruned(self):
         return pruned(self._model, self.policy, inside=self.inside, clip=self.clip,
                       clip_tokenizer=self.clip_tokenizer, tokenizer=self.tokenizer if self.clip is not None else None)
@@ -307,6 +311,8 @@ def _generate_until_multi_round(self, requests):
                               "multi-round tasks are not supported")
 
 TokPrune.loglikelihood, TokPrune.generate_until_multi_round = _loglikelihood, _generate_until_multi_round
+import abc
+abc.update_abstractmethods(TokPrune)   # lmms' abstract methods are filled in now (a no-op without lmms-eval)
 
 # %% ../../nbs/eval/lmms.ipynb #4ad10ba0
 def manifest():
