@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 # %% auto #0
-__all__ = ['FAMILIES', 'TABLE_COLUMNS', 'Published', 'Family', 'register_adapter', 'discover', 'families', 'family_of',
-           'adapter_class', 'family_named', 'published_configs', 'family_for_config', 'table_row',
-           'supported_models_table']
+__all__ = ['FAMILIES', 'TABLE_COLUMNS', 'LEGACY_CHECKPOINT_ENV', 'Published', 'Family', 'register_adapter', 'discover',
+           'families', 'family_of', 'adapter_class', 'family_named', 'published_configs', 'family_for_config',
+           'table_row', 'supported_models_table', 'checkpoint_env', 'checkpoint_path']
 
 # %% ../nbs/04_registry.ipynb #add026ac
 @dataclass(frozen=True)
@@ -159,3 +159,15 @@ def supported_models_table()->str:
         rows.append(f"| `{f.class_name}` | `{f.name}` | {', '.join(f'`{p}`' for p in f.published)} | {c['tower']} | "
                     f"{c['saliency']} | {c['clip']} | {c['positions']} | {c['video']} |")
     return "\n".join(rows)
+
+# %% ../nbs/04_registry.ipynb #71088941
+LEGACY_CHECKPOINT_ENV = {"qwen2.5-vl": "TOKPRUNE_QWEN_PATH"}
+
+def checkpoint_env(f:Family)->str:
+    "The environment variable naming a local checkpoint of family `f`, e.g. `TOKPRUNE_QWEN3_5_PATH`."
+    return "TOKPRUNE_" + re.sub(r"[^A-Z0-9]", "_", f.name.upper()) + "_PATH"
+
+def checkpoint_path(f:Family)->str|None:
+    "The local checkpoint directory of family `f` from the environment (its own variable, else a legacy one), or None."
+    import os
+    return os.environ.get(checkpoint_env(f)) or os.environ.get(LEGACY_CHECKPOINT_ENV.get(f.name, "")) or None
