@@ -149,3 +149,40 @@ def test_bad_inputs():
     inp = tiny_inputs(p, ["what"])
     with pytest.raises(ValueError, match="counter"): count_flops(m, inp, counter="ptflops")
     with pytest.raises(TypeError, match="not a supported VLM"): count_flops(torch.nn.Linear(2, 2), inp)
+
+
+# ---- in-LLM stages: per-layer token counts -----------------------------------------------------------------------
+INLLM_FAMILIES = ("llava", "llava-next", "qwen2.5-vl")
+
+
+def _inside_policies():
+    "The four in-LLM methods on a 2-layer tiny LM (stage layer 1; PyramidDrop/SparseVLM with explicit layers)."
+    from tokprune_nb.inllm.methods import INSIDE
+    return {"fastv": INSIDE["fastv"](layer=1, keep=0.5), "pdrop": INSIDE["pdrop"](layers=(1,), ratio=0.5),
+            "sparsevlm": INSIDE["sparsevlm"](keep=(0.5,), layers=(0,)), "dart": INSIDE["dart"](layer=1, keep=0.25)}
+
+
+@pytest.mark.parametrize("family", INLLM_FAMILIES)
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "sparsevlm", "dart"])
+def test_inside_three_way_per_layer_counts(family, method):
+    "fvcore == FlopCounterMode == the formula on the per-layer token counts + the runner's scoring tally; a batch of two."
+    f = next(f for f in families().values() if f.name == family)
+    m, p = f.tiny()
+    inp = f.inputs(p, ["what color is the cat ?", "how many dog are there on the left ?"], sizes=[(56, 56), (28, 84)])
+    pol = _inside_policies()[method]
+    fv, tc = count_flops(m, inp, inside=pol), count_flops(m, inp, inside=pol, counter="torch")
+    assert fv.unsupported == {} and _same(fv, tc)
+    assert fv.layer_tokens[1] < fv.layer_tokens[0] == fv.seq_len and fv.scoring > 0
+    assert fv.llm == analytic_prefill_flops(m.config, fv.layer_tokens, batch=fv.batch) + fv.scoring
+    pre = count_flops(m, inp, ZSPAPrune(0.5), inside=pol)                  # composed with pre-LLM pruning
+    assert pre.layer_tokens[0] < fv.layer_tokens[0] and pre.llm == analytic_prefill_flops(m.config, pre.layer_tokens, batch=2) + pre.scoring
+
+
+def test_analytic_per_layer_counts():
+    c = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, vocab_size=10)
+    assert analytic_prefill_breakdown(c, [3, 3]) == analytic_prefill_breakdown(c, 3)
+    b = analytic_prefill_breakdown(c, [3, 2], lm_head_tokens=1)
+    assert (b["proj"], b["attn"], b["mlp"], b["lm_head"]) == (5 * 8 * 24, 2 * 9 * 8 + 2 * 4 * 8, 5 * 3 * 8 * 16, 80)
+    for bad in ([3], [3, 0], [3, 2.0], (3, True)):
+        with pytest.raises(ValueError, match="n_tokens"): analytic_prefill_flops(c, bad)

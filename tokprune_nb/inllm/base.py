@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['RULES', 'IDENTITY_SHORTCUT', 'Stage', 'Scoring', 'top_image_tokens', 'InLLMPolicy', 'check_stages', 'layer_qk',
-           'query_attention', 'last_token_attention', 'text_model', 'InsideRunner']
+__all__ = ['RULES', 'SCORING', 'IDENTITY_SHORTCUT', 'Stage', 'Scoring', 'top_image_tokens', 'InLLMPolicy', 'check_stages',
+           'tally', 'layer_qk', 'query_attention', 'last_token_attention', 'text_model', 'InsideRunner']
 
 # %% ../../nbs/inllm/base.ipynb #0a33b4e2
 @dataclass(frozen=True)
@@ -87,12 +87,19 @@ def check_stages(stages:list, n_layers:int):
             raise ValueError(f"`score_layer` {s.scorer} must be in [{max(prev, 0)}, {hi}] for the stage at layer {s.layer}")
         prev = s.layer
 
-# %% ../../nbs/inllm/base.ipynb #1f36efb6
+# %% ../../nbs/inllm/base.ipynb #19417840
+SCORING = {"flops": 0}   # multiply-adds of in-LLM scoring so far (the matmuls; `measure.flops` convention), never reset
+
+def tally(n:int):
+    "Add `n` multiply-adds to the in-LLM scoring tally (`InsideRunner.scoring_flops` reads it per prompt)."
+    SCORING["flops"] += int(n)
+
 def layer_qk(layer, hidden:Tensor, position_embeddings:tuple)->tuple:
     "Rotated queries `[B,H,L,dh]` and keys `[B,Hkv,L,dh]` of a LLaMA/Qwen-style decoder `layer` for its input `hidden` `[B,L,D]`."
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
     B, L, _ = x.shape
+    tally(B * L * sum(p.in_features * p.out_features for p in (attn.q_proj, attn.k_proj)))
     dh = attn.head_dim
     q = attn.q_proj(x).view(B, L, -1, dh)
     k = attn.k_proj(x).view(B, L, -1, dh)
@@ -120,6 +127,7 @@ def query_attention(
         rows = torch.nonzero(queries[b] & valid[b]).flatten()
         if rows.numel() == 0: continue
         logits = torch.einsum("hqd,hld->hql", q[b][:, rows].float(), k[b]) * scale
+        tally(H * rows.numel() * L * dh)
         seen = valid[b][None] & (cols[None] <= rows[:, None])                  # [Q,L]
         out[b] = logits.masked_fill(~seen[None], float("-inf")).softmax(-1).mean((0, 1))
     return out
@@ -139,6 +147,7 @@ def last_token_attention(
     k = k.repeat_interleave(H // k.shape[1], dim=1)                           # GQA
     scale = getattr(layer.self_attn, "scaling", dh ** -0.5)
     logits = torch.einsum("bhd,bhld->bhl", ql.float(), k.float()) * scale
+    tally(B * H * L * dh)
     seen = valid & (cols[None] <= last[:, None])
     logits = logits.masked_fill(~seen[:, None], float("-inf"))
     return logits.softmax(-1).mean(1)
@@ -215,10 +224,16 @@ class InsideRunner:
     def begin(self, image:Tensor, attention_mask:Tensor=None):
         "A new prompt: `image` [B,L] True at image tokens, `attention_mask` [B,L] (None = all real) of the LLM's input."
         valid = torch.ones_like(image, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        self._t0 = SCORING["flops"]
         self.state = dict(image=image, valid=valid, L0=image.shape[1], queries=None, layouts=[None] * len(self.stages),
                           kept=[None] * len(self.stages), identity=[False] * len(self.stages))
 
     # ---- what the context reports -------------------------------------------------------------------------------
+    @property
+    def scoring_flops(self)->int:
+        "Multiply-adds the stages' scoring spent since the last prompt began (the matmuls of `select`/`prepare`)."
+        return 0 if self.state is None else SCORING["flops"] - self._t0
+
     @property
     def kept(self)->list:
         "Per stage, per sample: the columns of the LLM input (the pre-LLM-shortened `input_ids`) that survive it."

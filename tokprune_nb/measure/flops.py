@@ -81,7 +81,7 @@ _ZERO = """
     remainder fmod relu6 leaky_relu elu softplus hardtanh erfinv atan2 cosh sinh tril_indices triu_indices median
     var var_mean std_mean logsumexp cummax cumprod kthvalue argwhere count_nonzero nan_to_num isnan isinf index_put
     take take_along_dim scatter_reduce roll movedim swapaxes alias detach ge gt eq clamp max __and__ bitwise_not
-    numpy_T mT mH
+    numpy_T mT mH eye nonzero
     """.split()
 ZERO_COST_OPS = tuple(sorted({f"aten::{o}{u}" for o in _ZERO for u in ("", "_") if not o.endswith("_") or not u}))
 
@@ -138,31 +138,34 @@ def text_config(config):
 
 def analytic_prefill_breakdown(
     config,                    # a VLM config (its `text_config` is used) or an LLM config
-    n_tokens:int,              # sequence length the LLM sees (text + kept visual tokens)
-    lm_head_tokens:int=None,   # positions whose logits are computed: default all `n_tokens` (a forward); 1 = generate's prefill
+    n_tokens,                  # sequence length the LLM sees (text + kept visual tokens): an int, or one per decoder layer (in-LLM pruning)
+    lm_head_tokens:int=None,   # positions whose logits are computed: default all of the last layer's tokens (a forward); 1 = generate's prefill
     batch:int=1,               # sequences
 )->dict:                       # multiply-adds: proj, attn, mlp, lm_head, total
-    "LLM prefill multiply-adds from the architecture, by component."
+    "LLM prefill multiply-adds from the architecture, by component; each layer costs what its own token count costs."
     tc = text_config(config)
-    if not isinstance(n_tokens, int) or n_tokens < 1: raise ValueError(f"`n_tokens` must be a positive int, got {n_tokens!r}")
     d, m, L, V = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, tc.vocab_size
+    per = [n_tokens] * L if isinstance(n_tokens, int) and not isinstance(n_tokens, bool) else n_tokens
+    if not isinstance(per, (list, tuple)) or len(per) != L or \
+       any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in per):
+        raise ValueError(f"`n_tokens` must be a positive int or {L} positive ints (one per decoder layer), got {n_tokens!r}")
     h = tc.num_attention_heads
     hkv = getattr(tc, "num_key_value_heads", None) or h
     dh = getattr(tc, "head_dim", None) or d // h
-    n = n_tokens
+    n = per[-1]
     lm = n if lm_head_tokens is None else lm_head_tokens
     if not 0 <= lm <= n: raise ValueError(f"`lm_head_tokens` must be in [0, n_tokens={n}], got {lm}")
-    out = dict(proj=L * n * d * (2 * h * dh + 2 * hkv * dh), attn=L * 2 * n * n * h * dh, mlp=L * 3 * n * d * m,
-               lm_head=lm * d * V)
+    out = dict(proj=sum(per) * d * (2 * h * dh + 2 * hkv * dh), attn=sum(2 * k * k * h * dh for k in per),
+               mlp=sum(per) * 3 * d * m, lm_head=lm * d * V)
     out = {k: batch * v for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
 
-def analytic_prefill_flops(config, n_tokens:int, lm_head_tokens:int=None, batch:int=1)->int:
-    "LLM prefill multiply-adds (one multiply-add = one FLOP) of `config` on `n_tokens` tokens."
+def analytic_prefill_flops(config, n_tokens, lm_head_tokens:int=None, batch:int=1)->int:
+    "LLM prefill multiply-adds (one multiply-add = one FLOP) of `config` on `n_tokens` tokens (an int, or one per layer)."
     return analytic_prefill_breakdown(config, n_tokens, lm_head_tokens, batch)["total"]
 
-# %% ../../nbs/measure/flops.ipynb #fbc9be21
+# %% ../../nbs/measure/flops.ipynb #c66ab7f4
 class _PublishedView(Mapping):
     "A live, read-only view of the registry's published checkpoints: name -> `get(Published)`."
     def __init__(self, get): self._get = get
@@ -177,7 +180,7 @@ class _PublishedView(Mapping):
 ARCH_CONFIGS = _PublishedView(lambda p: p.config)                                 # name -> () -> HF config
 REFERENCE_TOKENS = _PublishedView(lambda p: (p.visual_tokens, p.extra_tokens))    # name -> (prunable, never pruned)
 
-# %% ../../nbs/measure/flops.ipynb #00cbe6a4
+# %% ../../nbs/measure/flops.ipynb #7fc89380
 PROMPT_TOKENS = 40
 
 def reference_seq_len(arch:str, keep=1.0, text_tokens:int=PROMPT_TOKENS)->tuple:
@@ -188,7 +191,7 @@ def reference_seq_len(arch:str, keep=1.0, text_tokens:int=PROMPT_TOKENS)->tuple:
     k = budget(keep, n)
     return k, text_tokens + k + extra
 
-# %% ../../nbs/measure/flops.ipynb #ce7d2410
+# %% ../../nbs/measure/flops.ipynb #4a94de03
 class _Prefill(nn.Module):
     "LLM prefill on given embeddings: decoder layers, then `lm_head` on the last `lm_head_tokens` positions."
     def __init__(self, lm, lm_head, lm_head_tokens):
@@ -223,7 +226,7 @@ def meta_prefill_flops(
             return torch_flop_counts(fc)["Global"]
     raise ValueError(f"`counter` must be 'fvcore' or 'torch', got {counter!r}")
 
-# %% ../../nbs/measure/flops.ipynb #9fabfd2c
+# %% ../../nbs/measure/flops.ipynb #a942c544
 def prefill_table(keeps=(1.0, 0.5, 0.25, 0.111, 64), archs=None, text_tokens:int=PROMPT_TOKENS)->list:
     "Rows (arch, keep, kept visual tokens, seq len, LLM prefill TFLOP, ideal speedup) from the formula; `archs`: default all published."
     rows = []
@@ -236,7 +239,7 @@ def prefill_table(keeps=(1.0, 0.5, 0.25, 0.111, 64), archs=None, text_tokens:int
             rows.append(dict(arch=arch, keep=keep, kept_tokens=k, seq_len=n, tflops=f / 1e12, ideal_speedup=base / f))
     return rows
 
-# %% ../../nbs/measure/flops.ipynb #c3b29bee
+# %% ../../nbs/measure/flops.ipynb #c8187541
 def _parts(model)->dict:
     "part -> list of (dotted module path, sign), as `model`'s family registered them."
     try: return family_of(model).flop_parts
@@ -257,6 +260,8 @@ class FlopCount:
     batch: int
     counter: str              # "fvcore" or "torch"
     unsupported: dict = field(default_factory=dict)   # fvcore operators without a handle (should be empty)
+    layer_tokens: list = None # padded sequence length entering each decoder layer (differs with in-LLM stages)
+    scoring: int = 0          # in-LLM stages' scoring (part of `llm`): the runner's tally of its matmuls
 
     def as_dict(self)->dict: return dict(self.__dict__)
 
@@ -315,12 +320,13 @@ def _split(totals:dict, parts:dict, prefix:str)->dict:
     "Part totals from per-module totals (keys `prefix + path`)."
     return {p: sum(s * totals.get(prefix + path, 0) for path, s in paths) for p, paths in parts.items()}
 
-# %% ../../nbs/measure/flops.ipynb #e6b58383
+# %% ../../nbs/measure/flops.ipynb #a8ddeff3
 def count_flops(
     model,                   # a VLM of a registered family (`registry.families()`), eval mode
     inputs:dict,             # processor outputs (`input_ids`, `pixel_values`, ...)
     policy=None,             # a pruning policy: count the forward inside `pruned(model, policy)`; None = unpruned
     *,
+    inside=None,             # an in-LLM policy (`tokprune_nb.inllm`): count inside `pruned(model, policy, inside=inside)`
     counter:str="fvcore",    # "fvcore" (traced, per module) or "torch" (`FlopCounterMode`)
     clip=None, clip_tokenizer=None, tokenizer=None,   # passed to `pruned` for policies that need CLIP (ATP)
     **forward_kwargs,        # extra `forward` arguments, e.g. `logits_to_keep=1` for generate's prefill
@@ -339,9 +345,16 @@ def count_flops(
         st.enter_context(torch.no_grad())
         h = model.model.language_model.register_forward_pre_hook(lm_hook, with_kwargs=True)
         st.callback(h.remove)
-        if policy is not None:
+        ctx = None
+        if policy is not None or inside is not None:
             from tokprune_nb.inject import pruned
-            st.enter_context(pruned(model, policy, clip=clip, clip_tokenizer=clip_tokenizer, tokenizer=tokenizer))
+            ctx = st.enter_context(pruned(model, policy, inside=inside, clip=clip, clip_tokenizer=clip_tokenizer, tokenizer=tokenizer))
+        layer_tokens = {}
+        for l, layer in enumerate(model.model.language_model.layers):     # after `pruned`: they see what the stages leave
+            hl = layer.register_forward_pre_hook(
+                lambda m, a, k, l=l: layer_tokens.setdefault(l, int((a[0] if a else k["hidden_states"]).shape[1])) and None,
+                with_kwargs=True)
+            st.callback(hl.remove)
         if counter == "fvcore":
             names = [k for k in ("input_ids", "pixel_values") if isinstance(kw.get(k), Tensor)]
             const = {k: v for k, v in kw.items() if k not in names}
@@ -359,5 +372,7 @@ def count_flops(
             unsupported = {}
     sel = total - res["vision"] - res["projector"] - res["llm"]
     b, n = seen["shape"]
+    scoring = ctx.inside.scoring_flops if ctx is not None and ctx.inside is not None else 0
     return FlopCount(vision=res["vision"], projector=res["projector"], llm=res["llm"], lm_head=res["lm_head"],
-                     selection=sel, total=total, seq_len=n, batch=b, counter=counter, unsupported=unsupported)
+                     selection=sel, total=total, seq_len=n, batch=b, counter=counter, unsupported=unsupported,
+                     layer_tokens=[layer_tokens[l] for l in sorted(layer_tokens)], scoring=scoring)
