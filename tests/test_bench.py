@@ -145,3 +145,27 @@ def test_gpu_branches_with_fake_cuda(monkeypatch):
     assert fake.calls == ["sync", "sync"] and len(pol.times) == 1
     with Timer("cpu"): pass
     assert fake.calls == ["sync", "sync"]          # no CUDA calls for a CPU timer
+
+
+# ---- in-LLM methods and merge variants ---------------------------------------------------------------------------
+def test_cli_inside_methods(tmp_path, capsys):
+    "`--inside`: the four in-LLM methods at the equal-FLOPs share of each keep (tiny: 2-layer LM, stage layer 1)."
+    assert main(["--arch", "tiny", "--keep", "0.75,0.4", "--policies", "zspaprune", "--inside", "fastv,pdrop,sparsevlm,dart",
+                 "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--no-progress", "--threads", "1",
+                 "--json", str(tmp_path / "i.json")]) == 0
+    out = capsys.readouterr().out
+    assert "skipping in-LLM fastv at keep 0.4" in out and "fastv*" in out       # 0.4 < 1/2: one full layer of two
+    recs = json.load(open(tmp_path / "i.json"))["records"]
+    llm = [r for r in recs if r.get("stage") == "llm"]
+    assert {r["policy"] for r in llm} == {"fastv", "pdrop", "sparsevlm", "dart"}
+    for r in llm:
+        assert len(r["layer_tokens"]) == 2 and r["layer_tokens"][1] < r["layer_tokens"][0] == r["seq_len"]
+        assert r["mean_image_tokens"] == pytest.approx(16 * r["keep"], abs=0.51)   # rounding of counts
+        assert r["ideal_speedup"] > 1 and r["scoring_flops"] > 0 and r["select_ms"] > 0
+        assert r["ideal_generate_speedup"] < r["ideal_speedup"] and r["generate_vs_ideal"] > 0
+    with pytest.raises(SystemExit): main(["--inside", "tome", "--no-progress"])
+
+
+def test_merge_variants_by_name():
+    assert B.make_policy("zspaprune+merge", 0.25).merge_pruned is True
+    with pytest.raises(ValueError, match="unknown policy"): B.make_policy("fastv", 0.5)

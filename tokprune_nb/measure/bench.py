@@ -13,10 +13,10 @@ from ..policies import POLICIES, budget, check_keep
 from ..registry import families, family_named, family_for_config, published_configs, adapter_class
 
 # %% auto #0
-__all__ = ['MID_WIDTH', 'DEFAULT_FAMILY', 'QUESTION', 'REQUIRED_FIELDS', 'sync', 'torch_threads', 'Timer', 'rss_mb', 'PeakMemory',
-           'archs', 'resolve_arch', 'bench_question', 'Case', 'build_case', 'KeepAll', 'TimedPolicy', 'make_policy',
-           'kv_cache_mb', 'run_once', 'bench', 'flops_records', 'format_table', 'write_json', 'plot', 'parse_keeps',
-           'main']
+__all__ = ['MID_WIDTH', 'DEFAULT_FAMILY', 'QUESTION', 'SHALLOW', 'REQUIRED_FIELDS', 'sync', 'torch_threads', 'Timer', 'rss_mb',
+           'PeakMemory', 'archs', 'resolve_arch', 'bench_question', 'Case', 'build_case', 'KeepAll', 'TimedPolicy',
+           'make_policy', 'kv_cache_mb', 'run_once', 'analytic_generate_flops', 'make_inside', 'TimedInside',
+           'run_inside_once', 'bench', 'flops_records', 'format_table', 'write_json', 'plot', 'parse_keeps', 'main']
 
 # %% ../../nbs/measure/bench.ipynb #ea1426f8
 def sync(device):
@@ -179,9 +179,12 @@ class TimedPolicy:
     def __repr__(self): return f"Timed({self.policy!r})"
 
 def make_policy(name:str, keep):
-    "The policy registered as `name` (in `policies.POLICIES`) with budget `keep`."
-    if name not in POLICIES: raise ValueError(f"`policies`: unknown policy {name!r}; known: {', '.join(POLICIES)}")
-    return POLICIES[name](keep)
+    "The policy registered as `name` (`policies.POLICIES`, a merging policy of `merging.MERGING`, or `'<policy>+merge'`) with budget `keep`."
+    if name in POLICIES: return POLICIES[name](keep)
+    from tokprune_nb.merging import MERGING, merging_policy
+    if name in MERGING or name.endswith("+merge"): return merging_policy(name, keep)
+    raise ValueError(f"`policies`: unknown policy {name!r}; known: {', '.join(POLICIES)}, {', '.join(MERGING)} "
+                     "or '<policy>+merge'")
 
 # %% ../../nbs/measure/bench.ipynb #0486707c
 def kv_cache_mb(config, seq_len:int, batch:int=1, dtype=torch.bfloat16)->float:
@@ -227,7 +230,86 @@ def run_once(
     out["kept_tokens"] = int(sum(len(s) for s in prep.selection))
     return out
 
-# %% ../../nbs/measure/bench.ipynb #4993563e
+# %% ../../nbs/measure/bench.ipynb #9613fad7
+def analytic_generate_flops(config, layer_tokens, new_tokens:int)->int:
+    "LLM multiply-adds of `generate`: the prefill (logits of the last token) and `new_tokens - 1` decode steps over the cache."
+    tc = text_config(config)
+    d, m, V, h = tc.hidden_size, tc.intermediate_size, tc.vocab_size, tc.num_attention_heads
+    hkv = getattr(tc, "num_key_value_heads", None) or h
+    dh = getattr(tc, "head_dim", None) or d // h
+    per = [layer_tokens] * tc.num_hidden_layers if isinstance(layer_tokens, int) else list(layer_tokens)
+    total = analytic_prefill_flops(config, per, lm_head_tokens=1)
+    for t in range(1, new_tokens):
+        total += sum(d * (2 * h * dh + 2 * hkv * dh) + 3 * d * m + 2 * (n + t) * h * dh for n in per) + d * V
+    return total
+
+SHALLOW = {"fastv": lambda n: dict(layer=1), "dart": lambda n: dict(layer=1),
+           "pdrop": lambda n: dict(layers=tuple(range(1, min(n, 4)))),
+           "sparsevlm": lambda n: dict(layers=tuple(range(0, min(n - 1, 3))))}
+
+def make_inside(name:str, keep, n_layers:int):
+    """In-LLM method `name` (`inllm.methods.INSIDE`) at the mean image-token share of pre-LLM `keep`, for a decoder
+    of `n_layers` layers: the method's own layers, else its earliest (`SHALLOW`). ValueError if out of reach."""
+    from tokprune_nb.inllm.methods import inside_class, equal_flops
+    inside_class(name)
+    if not isinstance(keep, float): raise ValueError(f"`--keep`: in-LLM methods take fractions (a mean share per layer), got {keep!r}")
+    try: return equal_flops(name, keep, n_layers)
+    except ValueError: pass
+    return equal_flops(name, keep, n_layers, **SHALLOW[name](n_layers))
+
+class TimedInside:
+    "A copy of an in-LLM policy whose `select`/`prepare` calls are timed (device synchronised) into `times`."
+    def __init__(self, policy, device="cpu"):
+        import copy
+        self.policy, self.device, self.times = copy.copy(policy), device, []
+        for k in ("select", "prepare"): setattr(self.policy, k, self._timed(getattr(self.policy, k)))
+    def _timed(self, fn):
+        def call(*a, **kw):
+            with Timer(self.device) as t: out = fn(*a, **kw)
+            self.times.append(t.ms); return out
+        return call
+
+# %% ../../nbs/measure/bench.ipynb #2da9bde7
+def run_inside_once(
+    case:Case, policy, adapter, device,
+    new_tokens:int=32,
+    base_kwargs:dict=None,   # the unpruned prefill's inputs (`KeepAll` through the adapter)
+)->dict:
+    "Times (ms), peak memory and per-layer sequence lengths of one in-LLM configuration."
+    from tokprune_nb.inject import pruned
+    from tokprune_nb.inllm.base import InsideRunner
+    model, inputs = case.model, case.inputs
+    tp = TimedInside(policy, device)
+    out = {}
+    with torch.no_grad():
+        with Timer(device) as t: adapter.prepare(KeepAll(), inputs, for_generate=False)   # the vision pass, all tokens kept
+        out["prepare_ms"] = t.ms
+        b0 = _prefill_ms(model, base_kwargs, device)
+        runner = InsideRunner(model, tp.policy).install()
+        try:
+            runner.begin(base_kwargs["input_ids"] == adapter.image_token_id, base_kwargs.get("attention_mask"))
+            out["prefill_ms"] = _prefill_ms(model, base_kwargs, device)
+            kept = [int(k[0].numel()) for k in runner.kept]
+            out["scoring_flops"] = runner.scoring_flops
+        finally: runner.remove()
+        out["select_ms"] = sum(tp.times)
+        out["prefill_base_ms"] = (b0 + _prefill_ms(model, base_kwargs, device)) / 2
+        with pruned(model, None, inside=policy):
+            with Timer(device) as t: model(**inputs, logits_to_keep=1)
+            out["forward_ms"] = t.ms
+            with PeakMemory(device) as pm, Timer(device) as t: gen = model.generate(**inputs, **_generate_kwargs(new_tokens))
+        out["generate_ms"], out["peak_mem_mb"], out["mem_delta_mb"] = t.ms, pm.peak_mb, pm.delta_mb
+    n_gen = gen.shape[1] - inputs["input_ids"].shape[1]
+    if n_gen != new_tokens: raise RuntimeError(f"generate made {n_gen} tokens, expected {new_tokens}")
+    L = int(base_kwargs["input_ids"].shape[1]); n_img = int((base_kwargs["input_ids"] == adapter.image_token_id).sum())
+    stages = runner.stages
+    out["layer_tokens"] = [next((kept[s] for s in range(len(stages) - 1, -1, -1) if stages[s].layer <= l), L)
+                           for l in range(len(runner.text.layers))]
+    out["seq_len"], out["kept_tokens"] = L, n_img - (L - kept[-1])
+    out["mean_image_tokens"] = sum(n - (L - n_img) for n in out["layer_tokens"]) / len(out["layer_tokens"])
+    return out
+
+# %% ../../nbs/measure/bench.ipynb #b66e6e79
 def _median(xs): return statistics.median(xs) if xs else None
 
 
@@ -245,7 +327,8 @@ def _machine(device)->str:
 def bench(
     arch:str="tiny",                       # one of `archs()`
     keeps=(1.0, 0.5, 0.25, 0.111),         # budgets (fractions, or int token counts)
-    policies=("zspaprune",),               # policy names (`POLICIES`)
+    policies=("zspaprune",),               # policy names (`POLICIES`, merging policies, '<policy>+merge')
+    inside=(),                             # in-LLM method names (`inllm.methods.INSIDE`), at the equal-FLOPs share of each keep
     device="cpu",
     dtype=None,                            # default: float32 on CPU, bfloat16 on CUDA
     repeats:int=5,                         # timed rounds
@@ -259,14 +342,16 @@ def bench(
 )->list:                                   # one record (dict) per (policy, keep), the unpruned "none" first
     "Measure latency, memory, selection time and FLOPs of `policies` × `keeps` against the unpruned model."
     with torch_threads(threads):
-        return _bench(arch, keeps, policies, device, dtype, repeats, warmup, new_tokens, count, progress, seed, mid_width)
+        return _bench(arch, keeps, policies, device, dtype, repeats, warmup, new_tokens, count, progress, seed, mid_width, inside)
 
-def _bench(arch, keeps, policies, device, dtype, repeats, warmup, new_tokens, count, progress, seed, mid_width):
+def _bench(arch, keeps, policies, device, dtype, repeats, warmup, new_tokens, count, progress, seed, mid_width, inside=()):
     from tqdm.auto import tqdm
     dev = torch.device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     keeps = [check_keep(k) for k in keeps]
     for p in policies: make_policy(p, 1.0)
+    from tokprune_nb.inllm.methods import inside_class
+    for p in inside: inside_class(p)
     if repeats < 1: raise ValueError(f"`repeats` must be >= 1, got {repeats}")
     case = build_case(arch, dev, dtype, seed, mid_width=mid_width)
     label = f"{arch}-w{mid_width}" if resolve_arch(arch)[1] == "mid" and mid_width != MID_WIDTH else arch
@@ -276,6 +361,11 @@ def _bench(arch, keeps, policies, device, dtype, repeats, warmup, new_tokens, co
     model = case.model
     adapter = adapter_class(model)(model, clip=case.clip, clip_tokenizer=case.clip_tokenizer, tokenizer=case.tokenizer)
     configs = [("none", 1.0, KeepAll())] + [(p, k, TimedPolicy(make_policy(p, k), dev)) for p in policies for k in keeps]
+    depth = text_config(case.config).num_hidden_layers
+    for p in inside:
+        for k in keeps:
+            try: configs.append((p, k, make_inside(p, k, depth)))
+            except ValueError as e: print(f"bench: skipping in-LLM {p} at keep {k} on a {depth}-layer LLM: {e}")
     with torch.no_grad(): base_kwargs = adapter.prepare(KeepAll(), case.inputs, for_generate=False).kwargs
     raw = {i: [] for i in range(len(configs))}
     bar = tqdm(total=(warmup + repeats) * len(configs), desc=f"bench {arch}", disable=not progress)
@@ -284,8 +374,10 @@ def _bench(arch, keeps, policies, device, dtype, repeats, warmup, new_tokens, co
         for i in order:
             name, keep, pol = configs[i]
             if isinstance(pol, TimedPolicy): pol.times.clear()
-            r = run_once(case, pol, adapter, dev, new_tokens, base_kwargs)
-            r["select_ms"] = _median(pol.times) if isinstance(pol, TimedPolicy) else 0.0
+            if isinstance(pol, (TimedPolicy, KeepAll)):
+                r = run_once(case, pol, adapter, dev, new_tokens, base_kwargs)
+                r["select_ms"] = _median(pol.times) if isinstance(pol, TimedPolicy) else 0.0
+            else: r = run_inside_once(case, pol, adapter, dev, new_tokens, base_kwargs)
             if rep >= warmup: raw[i].append(r)
             bar.update(1)
     bar.close()
@@ -294,21 +386,34 @@ def _bench(arch, keeps, policies, device, dtype, repeats, warmup, new_tokens, co
     records = []
     for i, (name, keep, pol) in enumerate(configs):
         rs = raw[i]
-        flops = analytic_prefill_flops(case.config, rs[0]["seq_len"], lm_head_tokens=1)
+        tokens = rs[0].get("layer_tokens", rs[0]["seq_len"])
+        flops = analytic_prefill_flops(case.config, tokens, lm_head_tokens=1)
         rec = dict(arch=label, policy=name, keep=keep, kept_tokens=rs[0]["kept_tokens"], n_visual=base[0]["kept_tokens"],
                    seq_len=rs[0]["seq_len"], **{k: _median([r[k] for r in rs]) for k in
                    ("prefill_ms", "generate_ms", "forward_ms", "prepare_ms", "select_ms", "mem_delta_mb")},
                    peak_mem_mb=max(r["peak_mem_mb"] for r in rs),
                    kv_cache_mb=kv_cache_mb(case.config, rs[0]["seq_len"] + new_tokens, dtype=dtype),
-                   llm_flops=flops, ideal_speedup=base_flops / flops)
+                   llm_flops=flops, ideal_speedup=base_flops / flops,
+                   ideal_generate_speedup=analytic_generate_flops(case.config, base[0]["seq_len"], new_tokens)
+                                          / analytic_generate_flops(case.config, tokens, new_tokens))
+        if "layer_tokens" in rs[0]:
+            tc = text_config(case.config); h = tc.num_attention_heads
+            kv = (getattr(tc, "num_key_value_heads", None) or h) * (getattr(tc, "head_dim", None) or tc.hidden_size // h)
+            rec.update(stage="llm", inside=repr(pol), layer_tokens=rs[0]["layer_tokens"], mean_image_tokens=rs[0]["mean_image_tokens"],
+                       scoring_flops=rs[0]["scoring_flops"], ideal_speedup_with_scoring=base_flops / (flops + rs[0]["scoring_flops"]),
+                       kv_cache_mb=2 * kv * sum(n + new_tokens for n in rs[0]["layer_tokens"]) * torch.finfo(dtype).bits / 8 / 2**20)
+        else: rec.update(stage="pre" if name != "none" else None)
         rec["prefill_base_ms"] = _median([r["prefill_base_ms"] for r in rs])
         rec["prefill_speedup"] = _median([r["prefill_base_ms"] / r["prefill_ms"] for r in rs])
         for k in ("forward", "generate"):
             rec[f"{k}_speedup"] = _median([b[f"{k}_ms"] / r[f"{k}_ms"] for b, r in zip(base, rs)])
         rec["prefill_vs_ideal"] = rec["prefill_speedup"] / rec["ideal_speedup"]
+        rec["generate_vs_ideal"] = rec["generate_speedup"] / rec["ideal_generate_speedup"]
         rec["select_pct_of_prefill"] = _median([100 * r["select_ms"] / r["prefill_base_ms"] for r in rs])
         if count:
-            fc = count_flops(model, case.inputs, None if name == "none" else make_policy(name, keep), clip=case.clip,
+            llm_stage = "layer_tokens" in rs[0]
+            fc = count_flops(model, case.inputs, None if name == "none" or llm_stage else make_policy(name, keep),
+                             inside=pol if llm_stage else None, clip=case.clip,
                              clip_tokenizer=case.clip_tokenizer, tokenizer=case.tokenizer, logits_to_keep=1)
             rec.update(vision_flops=fc.vision, projector_flops=fc.projector, selection_flops=fc.selection,
                        fvcore_llm_flops=fc.llm, fvcore_unsupported=fc.unsupported)
@@ -317,7 +422,7 @@ def _bench(arch, keeps, policies, device, dtype, repeats, warmup, new_tokens, co
         records.append(rec)
     return records
 
-# %% ../../nbs/measure/bench.ipynb #8a5b4c7b
+# %% ../../nbs/measure/bench.ipynb #0ae6b4d7
 def flops_records(arch:str, keeps=(1.0, 0.5, 0.25, 0.111), policies=("zspaprune",), seed:int=0)->list:
     "Records with FLOPs only (latency fields None), from the formula, for `arch`'s benchmark prompt and image."
     case = build_case(arch, "meta", torch.bfloat16, seed, build_model=False)
@@ -337,7 +442,7 @@ def flops_records(arch:str, keeps=(1.0, 0.5, 0.25, 0.111), policies=("zspaprune"
                          device=None, dtype="bfloat16", batch=1))
     return recs
 
-# %% ../../nbs/measure/bench.ipynb #dce1847b
+# %% ../../nbs/measure/bench.ipynb #3abf0445
 REQUIRED_FIELDS = ("arch", "policy", "keep", "kept_tokens", "prefill_ms", "generate_ms", "peak_mem_mb", "select_ms",
                    "llm_flops", "ideal_speedup")
 
@@ -350,11 +455,14 @@ def format_table(records:list)->str:
             f"{'gen ms':>8} {'gen x':>6} {'select ms':>9} {'sel %':>6} {'peak MB':>8} {'LLM GFLOP':>10}")
     lines = [head, "-" * len(head)]
     for r in records:
-        lines.append(f"{r['policy']:10} {r['keep']!s:>6} {r['kept_tokens']:>5} {r['seq_len']:>5} "
+        lines.append(f"{r['policy'] + ('*' if r.get('stage') == 'llm' else ''):10} {r['keep']!s:>6} {r['kept_tokens']:>5} {r['seq_len']:>5} "
                      f"{_fmt(r['prefill_ms'], '10.1f')} {_fmt(r.get('prefill_speedup'), '7.2f')} {r['ideal_speedup']:6.2f} "
                      f"{_fmt(r['generate_ms'], '8.1f')} {_fmt(r.get('generate_speedup'), '6.2f')} "
                      f"{_fmt(r['select_ms'], '9.2f')} {_fmt(r.get('select_pct_of_prefill'), '6.2f')} "
                      f"{_fmt(r['peak_mem_mb'], '8.0f')} {r['llm_flops'] / 1e9:10.3f}")
+    if any(r.get("stage") == "llm" for r in records):
+        lines.append("* in-LLM: keep = mean image-token share per layer (equal FLOPs); kept = after the last stage; "
+                     "select = the stages' scoring")
     return "\n".join(lines)
 
 def write_json(path, records:list, machine:str, **meta):
@@ -395,7 +503,7 @@ def plot(records:list, path):
     fig.savefig(path, dpi=120); plt.close(fig)
     return path
 
-# %% ../../nbs/measure/bench.ipynb #293b80f4
+# %% ../../nbs/measure/bench.ipynb #c062eb01
 def parse_keeps(s:str)->list:
     "`'1,0.5,0.25,0.111,64'` → `[1.0, 0.5, 0.25, 0.111, 64]`: `1` means all tokens (1.0), integers ≥ 2 are token counts."
     out = []
@@ -411,7 +519,8 @@ def main(argv:list=None)->int:
     p = argparse.ArgumentParser(prog="tokprune bench", description=main.__doc__)
     p.add_argument("--arch", choices=archs(), default="tiny")
     p.add_argument("--keep", default="1,0.5,0.25,0.111", help="comma-separated budgets: fractions, or ints >= 2 = token counts")
-    p.add_argument("--policies", default="zspaprune", help=f"comma-separated: {', '.join(POLICIES)}")
+    p.add_argument("--policies", default="zspaprune", help=f"comma-separated: {', '.join(POLICIES)}, merging policies, '<policy>+merge'")
+    p.add_argument("--inside", default="", help="comma-separated in-LLM methods (fastv, pdrop, sparsevlm, dart) at the equal-FLOPs share of each --keep")
     p.add_argument("--json", default=None, help="write/extend this JSON file (records of the same machine are merged)")
     p.add_argument("--plot", default=None, help="write a seaborn figure (PNG/PDF) here")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -431,6 +540,10 @@ def main(argv:list=None)->int:
         keeps = parse_keeps(a.keep)
         policies = [s.strip() for s in a.policies.split(",") if s.strip()]
         for name in policies: make_policy(name, 1.0)
+        inside = [s.strip() for s in a.inside.split(",") if s.strip()]
+        from tokprune_nb.inllm.methods import inside_class
+        for name in inside: inside_class(name)
+        if inside and a.flops_only: raise ValueError("`--inside` is measured on a model; `--flops-only` covers pre-LLM policies")
         if a.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("`--device cuda`: no CUDA device is available")
     except ValueError as e:
@@ -440,7 +553,7 @@ def main(argv:list=None)->int:
         records, machine = flops_records(a.arch, keeps, policies), a.machine or "formula"
     else:
         try:
-            records = bench(a.arch, keeps, policies, a.device, dtype, a.repeats, a.warmup, a.new_tokens,
+            records = bench(a.arch, keeps, policies, inside, a.device, dtype, a.repeats, a.warmup, a.new_tokens,
                             count=a.count_flops, progress=not a.no_progress, threads=a.threads, mid_width=a.mid_width)
         except ValueError as e:
             print(f"tokprune bench: {e}"); return 2
