@@ -83,11 +83,8 @@ def prefill_flops(config, lengths:list, starts:list=(0,))->int:
     L = text_config(config).num_hidden_layers
     if list(starts) != sorted(starts) or starts[0] != 0 or starts[-1] >= L:
         raise ValueError(f"`starts` must be increasing layer indices from 0 below {L}, got {list(starts)}")
-    ends, total = list(starts[1:]) + [L], 0
-    for n, a, b in zip(lengths, starts, ends):
-        part = analytic_prefill_breakdown(config, int(n), lm_head_tokens=0)
-        total += (part["proj"] + part["attn"] + part["mlp"]) * (b - a) // L
-    return int(total + analytic_prefill_breakdown(config, int(lengths[-1]), lm_head_tokens=1)["lm_head"])
+    per_layer = [int(lengths[sum(s <= l for s in starts) - 1]) for l in range(L)]
+    return int(analytic_prefill_breakdown(config, per_layer, lm_head_tokens=1)["total"])
 
 # %% ../../nbs/eval/lmms.ipynb #f462c261
 LLAVA15_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
@@ -185,7 +182,9 @@ def _inputs(self, reqs:list, docs:list, suffixes:list=None)->tuple:
     return self.processor(**kw).to(self._device), counts
 
 def _record(self, ctx, counts:list, reqs:list)->list:
-    "Kept visual tokens and LLM prefill FLOPs of each sample of the last call inside `ctx`."
+    """Per sample of the last call inside `ctx`: `kept_tokens` (visual tokens each decoder layer sees, averaged over the
+    layers: the pre-LLM kept count when there is no in-LLM stage), `input_tokens` (visual tokens entering the LLM) and
+    `llm_flops` (prefill)."""
     sel, prep = last_selection(self._model), ctx.last
     mask = prep.kwargs.get("attention_mask")
     ids = prep.kwargs["input_ids"]
@@ -195,10 +194,16 @@ def _record(self, ctx, counts:list, reqs:list)->list:
         kept.append(int(sum(s.numel() for s in sel[k:k + c])) if sel is not None else 0); k += c
     stages = ctx.inside.kept if ctx.inside is not None else None
     starts = [0] + [s.layer for s in ctx.inside.stages] if stages else [0]
+    L = text_config(self._model.config).num_hidden_layers
     out = []
     for b, r in enumerate(reqs):
-        lengths = [n_llm[b]] + ([int(st[b].numel()) for st in stages] if stages else [])
-        st = {"kept_tokens": kept[b], "llm_flops": prefill_flops(self._model.config, lengths, starts[:len(lengths)])}
+        lengths, images = [n_llm[b]], [kept[b]]
+        for st in stages or []:
+            img_cols = torch.nonzero(ids[b] == ctx.adapter.image_token_id).flatten()
+            lengths.append(int(st[b].numel())); images.append(int(torch.isin(st[b], img_cols).sum()))
+        per_layer = [images[sum(s <= l for s in starts[:len(images)]) - 1] for l in range(L)]
+        st = {"kept_tokens": sum(per_layer) / L, "input_tokens": kept[b],
+              "llm_flops": prefill_flops(self._model.config, lengths, starts[:len(lengths)])}
         STATS[(r[4], r[3])] = st
         out.append(dict(task=r[4], doc_id=r[3], **st))
     self.samples += out
@@ -285,7 +290,7 @@ class Request:
     "A stand-in for lmms-eval's `Instance` where only `.args` is read (driving the model without lmms-eval)."
     def __init__(self, *args): self.args = args
 
-# %% ../../nbs/eval/lmms.ipynb #f0cd0320
+# %% ../../nbs/eval/lmms.ipynb #d6f470d5
 def _loglikelihood(self, requests)->list:
     "(sum of log-probabilities of the continuation, whether greedy decoding would produce it) per request."
     out = []
@@ -314,7 +319,7 @@ TokPrune.loglikelihood, TokPrune.generate_until_multi_round = _loglikelihood, _g
 import abc
 abc.update_abstractmethods(TokPrune)   # lmms' abstract methods are filled in now (a no-op without lmms-eval)
 
-# %% ../../nbs/eval/lmms.ipynb #4ad10ba0
+# %% ../../nbs/eval/lmms.ipynb #087d1314
 def manifest():
     "The `ModelManifest` lmms-eval registers for `--model tokprune` (entry point `lmms_eval.models`)."
     from lmms_eval.models.registry_v2 import ModelManifest

@@ -22,11 +22,19 @@ def _need_lmms_eval():
                           "(or `pip install -e .[eval]` where torchvision works)")
 
 def grid_methods(name:str, keep, seed:int=0)->tuple:
-    "`(policy, inside)` for method `name` at budget `keep`, seeded (like `apps.demo.make_policy`) where it has a seed."
-    kind, cls = find_method(name)
-    kw = {"keep": keep}
-    if "seed" in inspect.signature(cls.__init__).parameters: kw["seed"] = seed
-    return build_methods(name, **kw)
+    "`(policy, inside)` for method `name` at budget `keep`, built as `tokprune demo` builds it (`apps.demo.make_policy`)."
+    from tokprune_nb.apps.demo import make_policy
+    from tokprune_nb.toyworld import ORACLES
+    from tokprune_nb.inllm.base import InLLMPolicy
+    if name in ORACLES: raise ValueError(f"`policies`: {name!r} is a toy-world oracle (it reads the scene's truth), not an lmms-eval method")
+    from tokprune_nb.apps import demo
+    known = demo.method_names() if hasattr(demo, "method_names") else [*demo.POLICIES, *ORACLES]
+    if name not in known:              # a name the demo does not build: the lmms-eval model's own lookup (or its error)
+        kind, cls = find_method(name)
+        kw = {"keep": keep, **({"seed": seed} if "seed" in inspect.signature(cls.__init__).parameters else {})}
+        return build_methods(name, **kw)
+    m = make_policy(name, keep, seed=seed)
+    return (None, m) if isinstance(m, InLLMPolicy) else (m, None)
 
 def toy_record(rows:list, samples:list)->dict:
     "accuracy, accuracy_by_family, accuracy_by_type of lmms-eval's logged `samples` of the toy task (`rows`: its data)."
@@ -55,7 +63,7 @@ def run_eval(
     from lmms_eval.tasks import TaskManager
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     names = list(policies or method_tables()["policy"])
-    for p in names: find_method(p)          # unknown names fail before any work
+    for p in names: grid_methods(p, keeps[0], seed)   # unknown names fail before any work
     if pretrained is None:
         pretrained = str(assets_dir() / "llava"); clip = clip or str(assets_dir() / "clip")
     tasks_dir = tasks_dir or tempfile.mkdtemp(prefix="tokprune_toy_tasks_")
