@@ -24,12 +24,9 @@ __all__ = ['LLAVA15_TEMPLATE', 'STATS', 'GEN_KEYS', 'method_tables', 'find_metho
 def method_tables()->dict:
     "kind -> {name: class}: 'policy' (pre-LLM selection), 'merging' (pre-LLM merging), 'inside' (in-LLM)."
     from tokprune_nb.policies import POLICIES
-    from tokprune_nb import merging
-    from tokprune_nb.inllm import fastv
-    merge = getattr(merging, "MERGING", None) or {merging.VisionZip.name: merging.VisionZip}
-    try: from tokprune_nb.inllm.methods import INSIDE
-    except ImportError: INSIDE = {"fastv": fastv.FastV}
-    return {"policy": dict(POLICIES), "merging": dict(merge), "inside": dict(INSIDE)}
+    from tokprune_nb.merging import MERGING
+    from tokprune_nb.inllm.methods import INSIDE
+    return {"policy": dict(POLICIES), "merging": dict(MERGING), "inside": dict(INSIDE)}
 
 def find_method(name:str)->tuple:
     "(kind, class) of the reduction method `name` (looked up in POLICIES, then MERGING, then INSIDE)."
@@ -38,7 +35,7 @@ def find_method(name:str)->tuple:
     for kind, tab in tabs.items():
         if name in tab: return kind, tab[name]
     known = [n for t in tabs.values() for n in t]
-    raise ValueError(f"`policy` must be 'none' or one of {', '.join(known)}, got {name!r}")
+    raise ValueError(f"`policy` must be 'none', one of {', '.join(known)}, or '<selection policy>+merge', got {name!r}")
 
 # %% ../../nbs/eval/lmms.ipynb #9f27e4d5
 def _build(cls, what:str, kw:dict):
@@ -61,6 +58,10 @@ def build_methods(
     pre_kw = {k: v for k, v in params.items() if not k.startswith("inside_")}
     in_kw = {k[len("inside_"):]: v for k, v in params.items() if k.startswith("inside_")}
     pre = ins = None
+    if isinstance(policy, str) and policy.endswith("+merge"):
+        if "merge_pruned" in pre_kw: raise ValueError(f"`merge_pruned`: `{policy}` already sets it")
+        policy, pre_kw = policy[:-len("+merge")], {**pre_kw, "merge_pruned": True}
+        if find_method(policy)[0] != "policy": raise ValueError(f"`policy`: '+merge' applies to selection policies, not {policy!r}")
     if policy not in (None, "none"):
         kind, cls = find_method(policy)
         if kind == "inside":

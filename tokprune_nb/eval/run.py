@@ -30,7 +30,7 @@ def grid_methods(name:str, keep, seed:int=0)->tuple:
     from tokprune_nb.apps import demo
     known = demo.method_names() if hasattr(demo, "method_names") else [*demo.POLICIES, *ORACLES]
     if name not in known:              # a name the demo does not build: the lmms-eval model's own lookup (or its error)
-        kind, cls = find_method(name)
+        kind, cls = find_method(name[:-len("+merge")] if name.endswith("+merge") else name)
         kw = {"keep": keep, **({"seed": seed} if "seed" in inspect.signature(cls.__init__).parameters else {})}
         return build_methods(name, **kw)
     m = make_policy(name, keep, seed=seed)
