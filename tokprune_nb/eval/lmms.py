@@ -291,7 +291,7 @@ class Request:
     "A stand-in for lmms-eval's `Instance` where only `.args` is read (driving the model without lmms-eval)."
     def __init__(self, *args): self.args = args
 
-# %% ../../nbs/eval/lmms.ipynb #d6f470d5
+# %% ../../nbs/eval/lmms.ipynb #b89e5199
 def _loglikelihood(self, requests)->list:
     "(sum of log-probabilities of the continuation, whether greedy decoding would produce it) per request."
     out = []
@@ -320,7 +320,7 @@ TokPrune.loglikelihood, TokPrune.generate_until_multi_round = _loglikelihood, _g
 import abc
 abc.update_abstractmethods(TokPrune)   # lmms' abstract methods are filled in now (a no-op without lmms-eval)
 
-# %% ../../nbs/eval/lmms.ipynb #087d1314
+# %% ../../nbs/eval/lmms.ipynb #f68a2be3
 def manifest():
     "The `ModelManifest` lmms-eval registers for `--model tokprune` (entry point `lmms_eval.models`)."
     from lmms_eval.models.registry_v2 import ModelManifest
