@@ -180,7 +180,9 @@ def _inputs(self, reqs:list, docs:list, suffixes:list=None)->tuple:
         texts.append(p + (suffixes[i] if suffixes else "")); images += vis; counts.append(len(vis))
     kw = dict(text=texts, return_tensors="pt", padding=True)
     if images: kw["images"] = images
-    return self.processor(**kw).to(self._device), counts
+    out = self.processor(**kw).to(self._device)
+    if self._model.dtype != torch.float32: out = out.to(self._model.dtype)   # pixels in the model's precision (floats only)
+    return out, counts
 
 def _record(self, ctx, counts:list, reqs:list)->list:
     """Per sample of the last call inside `ctx`: `kept_tokens` (visual tokens each decoder layer sees, averaged over the
