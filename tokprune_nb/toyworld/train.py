@@ -19,9 +19,9 @@ from .evaluate import predict, accuracy_table, val_accuracy
 from .io import Toy, save_toy, git_commit
 
 # %% auto #0
-__all__ = ['Recipe', 'dense_captions', 'scene_caption', 'train_vision', 'vision_probe', 'visual_codes', 'projector_targets',
-           'align_loss', 'train_projector', 'dropout_keep', 'turn_probs', 'lm_schedule', 'train_lm', 'train_toy',
-           'main']
+__all__ = ['DROPOUTS', 'Recipe', 'dense_captions', 'scene_caption', 'train_vision', 'vision_probe', 'visual_codes',
+           'projector_targets', 'align_loss', 'train_projector', 'dropout_keep', 'dropout_independent', 'turn_probs',
+           'lm_schedule', 'train_lm', 'train_toy', 'main']
 
 # %% ../../nbs/toyworld/train.ipynb #8a4de4da
 @dataclass
@@ -41,8 +41,11 @@ class Recipe:
     warm_steps: int = 300       # stage 3 starts with colour questions only (the retrieval circuit forms there) ...
     warm_keep: int = 16         # ... on this many visual tokens (one of every digit, the rest random)
     ramp_steps: int = 500       # then all question types, the visual tokens growing to all 144 over these steps
-    drop_prob: float = 0.5      # after the ramp: share of batches with random token dropout
-    min_keep: int = 12          # fewest visual tokens kept by the dropout
+    drop_prob: float = 0.5      # after the ramp: share of batches with random token dropout (v2 experiment: 0.7)
+    min_keep: int = 12          # fewest visual tokens kept by the "uniform" dropout
+    dropout: str = "uniform"    # "uniform" (v1, shipped); "independent" (v2 experiment): digit/background rates drawn apart
+    obj_keep_min: float = 0.3   # "independent": a digit patch survives at rate U(obj_keep_min, 1) ...
+    obj_full_prob: float = 0.5  # ... or, in this share of images, every digit patch survives
     turns: int = 4              # questions per training conversation (multi-turn, as in LLaVA's data)
     clutter: float = 0.5        # probability of clutter in a training scene
     augment: bool = True        # warp the scans a little in the vision stage
@@ -53,7 +56,15 @@ class Recipe:
     lm_heads: int = 4           # Llama attention heads
     turn_weights: dict = None   # relative odds of each question type in the extra turns (None: uniform)
 
-    def __post_init__(self): turn_probs(list(QUESTION_TYPES), self.turn_weights)   # bad weights fail here, not 11 min in
+    def __post_init__(self):   # bad settings fail here, not 11 min in
+        turn_probs(list(QUESTION_TYPES), self.turn_weights)
+        if self.dropout not in DROPOUTS: raise ValueError(f"`dropout` must be one of {DROPOUTS}, got {self.dropout!r}")
+        for f in ("obj_keep_min", "obj_full_prob", "drop_prob"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"`{f}` must be a number in [0, 1], got {v!r}")
+
+DROPOUTS = ("independent", "uniform")
 
 def _lr_at(step, total, peak, r:Recipe):
     w = max(1, int(r.warmup * total))
@@ -234,6 +245,17 @@ def dropout_keep(tg_obj:np.ndarray, k:int, rng)->np.ndarray:
     extra = rng.choice(rest, max(0, k - len(must)), replace=False)
     return np.sort(np.concatenate([np.array(must, dtype=np.int64), extra.astype(np.int64)]))
 
+def dropout_independent(tg_obj:np.ndarray, rng, obj_keep_min:float=0.3, obj_full_prob:float=0.5)->np.ndarray:
+    "Sorted kept indices: digit patches survive at one rate, background at another, drawn independently (≥ 1 token per digit)."
+    n = len(tg_obj); is_obj = tg_obj >= 0
+    a = 1.0 if rng.rand() < obj_full_prob else rng.uniform(obj_keep_min, 1.0)   # digit-patch survival rate
+    b = rng.uniform(0.0, 1.0)                                                   # background survival rate
+    keep = np.where(is_obj, rng.rand(n) < a, rng.rand(n) < b)
+    for o in np.unique(tg_obj[is_obj]):
+        idx = np.nonzero(tg_obj == o)[0]
+        if not keep[idx].any(): keep[rng.choice(idx)] = True
+    return np.nonzero(keep)[0].astype(np.int64)
+
 def turn_probs(types:list, weights:dict=None):
     "Sampling probabilities over `types` for the extra turns of a conversation (`None`: uniform)."
     if not weights: return None
@@ -276,8 +298,14 @@ def train_lm(llava, r:Recipe, log=print)->tuple:
         tg = _targets(scenes)
         with torch.no_grad():
             z = llava.model.multi_modal_projector(_tower_tokens(llava, pixel_values([render(s) for s in scenes])))
-        if drop and rng.rand() < r.drop_prob: k = int(rng.randint(r.min_keep, N_PATCHES + 1))
         kept = None if k is None else [dropout_keep(tg["obj"][b].numpy(), k, rng) for b in range(len(ex))]
+        if drop and rng.rand() < r.drop_prob:
+            if r.dropout == "uniform":
+                k = int(rng.randint(r.min_keep, N_PATCHES + 1))
+                kept = [dropout_keep(tg["obj"][b].numpy(), k, rng) for b in range(len(ex))]
+            else:
+                kept = [dropout_independent(tg["obj"][b].numpy(), rng, r.obj_keep_min, r.obj_full_prob) for b in range(len(ex))]
+                k = int(np.mean([len(x) for x in kept]))
         inp = lm_inputs(llava, z, dialogues, kept, answers=True)
         h = _lm_hidden(llava, inp)
         sel = inp["labels"] != -100
@@ -342,14 +370,16 @@ def main(argv=None)->int:
     p.add_argument("--projector-steps", type=int, default=d.projector_steps)
     p.add_argument("--lm-steps", type=int, default=d.lm_steps)
     p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--dropout", choices=DROPOUTS, default=d.dropout, help="LM-stage token dropout: uniform (v1, shipped) or independent digit/background rates (v2)")
+    p.add_argument("--drop-prob", type=float, default=d.drop_prob, help="share of LM batches with token dropout after the ramp")
     p.add_argument("--n-test", type=int, default=700, help="test examples evaluated at the end")
     p.add_argument("--quick", action="store_true", help="a 1-minute smoke run (few steps; the model is useless)")
     a = p.parse_args(argv)
     r = Recipe(seed=a.seed, batch=a.batch, vision_steps=a.vision_steps, projector_steps=a.projector_steps,
-               lm_steps=a.lm_steps, threads=a.threads)
+               lm_steps=a.lm_steps, threads=a.threads, dropout=a.dropout, drop_prob=a.drop_prob)
     if a.quick:
         r = Recipe(seed=a.seed, batch=8, vision_steps=5, projector_steps=3, lm_steps=6, warm_steps=2, ramp_steps=2,
-                   eval_every=3, n_val=14, threads=a.threads)
+                   eval_every=3, n_val=14, threads=a.threads, dropout=a.dropout)
         a.n_test = min(a.n_test, 14)
     train_toy(a.out, r, n_test=a.n_test)
     return 0
