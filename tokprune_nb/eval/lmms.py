@@ -166,6 +166,11 @@ class TokPrune(_LMMBase):
     def clean(self):
         if not self.keep_loaded and HAVE_LMMS_EVAL: super().clean()
 
+    # lmms-eval's request API (defined below, one lesson each)
+    def generate_until(self, requests)->list: return _generate_until(self, requests)
+    def loglikelihood(self, requests)->list: return _loglikelihood(self, requests)
+    def generate_until_multi_round(self, requests): return _generate_until_multi_round(self, requests)
+
     def _pruned(self):
         return pruned(self._model, self.policy, inside=self.inside, clip=self.clip,
                       clip_tokenizer=self.clip_tokenizer, tokenizer=self.tokenizer if self.clip is not None else None)
@@ -286,7 +291,7 @@ def _generate_until(self, requests)->list:
     self._report()
     return res
 
-TokPrune._gen_settings, TokPrune.generate_until = _gen_settings, _generate_until
+TokPrune._gen_settings = _gen_settings
 
 # %% ../../nbs/eval/lmms.ipynb #6554cd33
 class Request:
@@ -317,10 +322,6 @@ def _loglikelihood(self, requests)->list:
 def _generate_until_multi_round(self, requests):
     raise NotImplementedError("the tokprune model answers single-round tasks (generate_until, loglikelihood); "
                               "multi-round tasks are not supported")
-
-TokPrune.loglikelihood, TokPrune.generate_until_multi_round = _loglikelihood, _generate_until_multi_round
-import abc
-abc.update_abstractmethods(TokPrune)   # lmms' abstract methods are filled in now (a no-op without lmms-eval)
 
 # %% ../../nbs/eval/lmms.ipynb #f68a2be3
 def manifest():
