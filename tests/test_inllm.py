@@ -44,7 +44,7 @@ def build(f, seed:int=0, **kw):
 
 def _supported(f)->bool:
     try: InsideRunner(f.tiny(0)[0], FastV(layer=1, keep=0.5)); return True
-    except ValueError: return False
+    except (ValueError, TypeError): return False   # refused up front (DeepStack, linear attention, no LLaMA-style stack)
 
 FAMS = [f for f in families().values() if _supported(f)]
 
@@ -173,6 +173,10 @@ def test_decode_steps_attend_to_the_shortened_cache(fx):
 
 def test_beams_and_sampling_run(fx):
     g = dict(fx.gen); g.pop("do_sample")
+    try:
+        with pruned(fx.model, None): fx.model.generate(**fx.x, **g, num_beams=2, do_sample=False)
+    except AttributeError as e:                # the family's pre-LLM path itself (InternVL's feature list under beams)
+        pytest.skip(f"beam search fails without in-LLM stages on {fx.f.name}: {e}")
     with pruned(fx.model, None, inside=FastV(layer=K, keep=0.5)):
         a = fx.model.generate(**fx.x, **g, num_beams=2, do_sample=False)
         b = fx.model.generate(**fx.x, **g, num_beams=2, do_sample=False, use_cache=False)

@@ -11,7 +11,8 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['RULES', 'SCORING', 'IDENTITY_SHORTCUT', 'Stage', 'Scoring', 'top_image_tokens', 'InLLMPolicy', 'check_stages',
-           'tally', 'layer_qk', 'query_attention', 'last_token_attention', 'text_model', 'InsideRunner']
+           'tally', 'layer_qk', 'layer_keys', 'layer_queries', 'query_attention', 'last_token_attention', 'text_model',
+           'InsideRunner']
 
 # %% ../../nbs/inllm/base.ipynb #0a33b4e2
 @dataclass(frozen=True)
@@ -109,6 +110,41 @@ def layer_qk(layer, hidden:Tensor, position_embeddings:tuple)->tuple:
     cos, sin = position_embeddings
     return rope(q, k, cos, sin)
 
+def _gather_rows(t:Tensor, idx:Tensor, dim:int)->Tensor:
+    "Gather `t` along `dim` (the sequence dim; batch is `dim-1`) with per-row indices `idx` [B,S]."
+    B = idx.shape[0]
+    shape = list(t.shape); shape[dim - 1] = B
+    t = t.expand(shape)
+    view = [1] * t.dim(); view[dim - 1], view[dim] = B, idx.shape[1]
+    full = list(t.shape); full[dim] = idx.shape[1]
+    return torch.gather(t, dim, idx.view(view).expand(full))
+
+def _rope_one(layer, t:Tensor, cos:Tensor, sin:Tensor)->Tensor:
+    "The layer's own rotary embedding applied to one tensor `[B,H,R,dh]`."
+    rope = sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
+    return rope(t, t, cos, sin)[0]
+
+def layer_keys(layer, hidden:Tensor, position_embeddings:tuple)->Tensor:
+    "Rotated keys `[B,Hkv,L,dh]` the decoder `layer` computes for its input `hidden` `[B,L,D]` (what it caches)."
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    B, L, _ = x.shape
+    tally(B * L * attn.k_proj.in_features * attn.k_proj.out_features)
+    k = attn.k_proj(x).view(B, L, -1, attn.head_dim)
+    if hasattr(attn, "k_norm"): k = attn.k_norm(k)
+    return _rope_one(layer, k.transpose(1, 2), *position_embeddings)
+
+def layer_queries(layer, hidden:Tensor, position_embeddings:tuple, rows:Tensor)->Tensor:
+    "Rotated queries `[B,H,R,dh]` of the decoder `layer` at the columns `rows` `[B,R]` only (a scorer needs a few rows)."
+    attn = layer.self_attn
+    B, R = rows.shape
+    x = _gather_rows(layer.input_layernorm(hidden), rows, 1)
+    tally(B * R * attn.q_proj.in_features * attn.q_proj.out_features)
+    q = attn.q_proj(x).view(B, R, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"): q = attn.q_norm(q)
+    cos, sin = (_gather_rows(t, rows, t.dim() - 2) for t in position_embeddings)
+    return _rope_one(layer, q.transpose(1, 2), cos, sin)
+
 def query_attention(
     layer,                     # the decoder layer whose q/k score
     hidden:Tensor,             # [B,L,D] its input
@@ -117,8 +153,9 @@ def query_attention(
     queries:Tensor,            # [B,L] bool: the query rows (each sees the real keys up to itself)
 )->Tensor:                     # [B,L] float32: attention weights averaged over heads and over each sample's queries
     "Head- and query-averaged attention weights of chosen query tokens (causal softmax per row, float32)."
-    q, k = layer_qk(layer, hidden, position_embeddings)
-    B, H, L, dh = q.shape
+    k = layer_keys(layer, hidden, position_embeddings)
+    B, L = hidden.shape[:2]
+    H, dh = layer.self_attn.q_proj.out_features // layer.self_attn.head_dim, layer.self_attn.head_dim
     k = k.repeat_interleave(H // k.shape[1], dim=1).float()
     scale = getattr(layer.self_attn, "scaling", dh ** -0.5)
     cols = torch.arange(L, device=hidden.device)
@@ -126,7 +163,8 @@ def query_attention(
     for b in range(B):
         rows = torch.nonzero(queries[b] & valid[b]).flatten()
         if rows.numel() == 0: continue
-        logits = torch.einsum("hqd,hld->hql", q[b][:, rows].float(), k[b]) * scale
+        q = layer_queries(layer, hidden[b:b + 1], tuple(t[b:b + 1] if t.shape[0] == B else t for t in position_embeddings), rows[None])[0]
+        logits = torch.einsum("hqd,hld->hql", q.float(), k[b]) * scale
         tally(H * rows.numel() * L * dh)
         seen = valid[b][None] & (cols[None] <= rows[:, None])                  # [Q,L]
         out[b] = logits.masked_fill(~seen[None], float("-inf")).softmax(-1).mean((0, 1))
@@ -139,11 +177,12 @@ def last_token_attention(
     valid:Tensor,              # [B,L] bool: real (non-padding) tokens
 )->Tensor:                     # [B,L] float32 attention of each row's last real token, averaged over heads
     "Head-averaged attention weights of each sample's last real token (softmax over the keys it sees)."
-    q, k = layer_qk(layer, hidden, position_embeddings)
-    B, H, L, dh = q.shape
+    k = layer_keys(layer, hidden, position_embeddings)
+    B, L = hidden.shape[:2]
     cols = torch.arange(L, device=hidden.device)
     last = torch.where(valid, cols, -1).amax(1)                               # [B]
-    ql = q[torch.arange(B, device=q.device), :, last]                         # [B,H,dh]
+    ql = layer_queries(layer, hidden, position_embeddings, last[:, None])[:, :, 0]   # [B,H,dh]: the one row needed
+    H, dh = ql.shape[1], ql.shape[2]
     k = k.repeat_interleave(H // k.shape[1], dim=1)                           # GQA
     scale = getattr(layer.self_attn, "scaling", dh ** -0.5)
     logits = torch.einsum("bhd,bhld->bhl", ql.float(), k.float()) * scale
@@ -157,7 +196,7 @@ IDENTITY_SHORTCUT = True   # a stage that keeps every token of every sample leav
 
 def text_model(model):
     "The decoder stack (a module with `.layers` and `.rotary_emb`) of a Hugging Face VLM."
-    for path in ("model.language_model", "language_model", "model.model", "model"):
+    for path in ("model.language_model", "language_model", "model.text_model", "model.model", "model"):
         m = model
         for p in path.split("."): m = getattr(m, p, None)
         if m is not None and hasattr(m, "layers") and hasattr(m, "rotary_emb"): return m
@@ -168,15 +207,6 @@ def _fmt(allowed:Tensor, like, impl:str, dtype):
     use_bool = like.dtype == torch.bool if isinstance(like, Tensor) else impl != "eager"
     if use_bool: return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-def _gather_rows(t:Tensor, idx:Tensor, dim:int)->Tensor:
-    "Gather `t` along `dim` (the sequence dim; batch is `dim-1`) with per-row indices `idx` [B,S]."
-    B = idx.shape[0]
-    shape = list(t.shape); shape[dim - 1] = B
-    t = t.expand(shape)
-    view = [1] * t.dim(); view[dim - 1], view[dim] = B, idx.shape[1]
-    full = list(t.shape); full[dim] = idx.shape[1]
-    return torch.gather(t, dim, idx.view(view).expand(full))
 
 # %% ../../nbs/inllm/base.ipynb #54b180df
 class _Layout:

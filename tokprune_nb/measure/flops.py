@@ -81,7 +81,7 @@ _ZERO = """
     remainder fmod relu6 leaky_relu elu softplus hardtanh erfinv atan2 cosh sinh tril_indices triu_indices median
     var var_mean std_mean logsumexp cummax cumprod kthvalue argwhere count_nonzero nan_to_num isnan isinf index_put
     take take_along_dim scatter_reduce roll movedim swapaxes alias detach ge gt eq clamp max __and__ bitwise_not
-    numpy_T mT mH eye nonzero
+    numpy_T mT mH eye nonzero unfold
     """.split()
 ZERO_COST_OPS = tuple(sorted({f"aten::{o}{u}" for o in _ZERO for u in ("", "_") if not o.endswith("_") or not u}))
 
@@ -343,14 +343,16 @@ def count_flops(
     kw = dict(inputs); kw.update(forward_kwargs); kw.setdefault("use_cache", False)
     with contextlib.ExitStack() as st:
         st.enter_context(torch.no_grad())
-        h = model.model.language_model.register_forward_pre_hook(lm_hook, with_kwargs=True)
+        from tokprune_nb.inllm.base import text_model
+        lm = text_model(model)                # the decoder stack (`model.language_model`, SmolVLM's `model.text_model`)
+        h = lm.register_forward_pre_hook(lm_hook, with_kwargs=True)
         st.callback(h.remove)
         ctx = None
         if policy is not None or inside is not None:
             from tokprune_nb.inject import pruned
             ctx = st.enter_context(pruned(model, policy, inside=inside, clip=clip, clip_tokenizer=clip_tokenizer, tokenizer=tokenizer))
         layer_tokens = {}
-        for l, layer in enumerate(model.model.language_model.layers):     # after `pruned`: they see what the stages leave
+        for l, layer in enumerate(lm.layers):     # registered after `pruned`: they see what the stages leave
             hl = layer.register_forward_pre_hook(
                 lambda m, a, k, l=l: layer_tokens.setdefault(l, int((a[0] if a else k["hidden_states"]).shape[1])) and None,
                 with_kwargs=True)
