@@ -9,29 +9,60 @@ import numpy as np
 import torch
 from .. import POLICIES
 from ..policies import budget
+from ..merging import MERGING, merging_policy
+from ..inllm.base import InLLMPolicy
+from ..inllm.methods import INSIDE, equal_flops, layer_shares
 from ..inject import pruned, last_selection
 from ..toyworld import (Toy, load_toy, OraclePrune, ORACLES, make_examples, predict, accuracy_table, render, N_PATCHES,
                                   QUESTION_TYPES, git_commit, FAMILIES as QUESTION_FAMILIES)
 
 # %% auto #0
-__all__ = ['KEEPS', 'DEFAULT_N', 'llm_prefill_flops', 'make_policy', 'evaluate', 'run_demo', 'format_table', 'plot_records',
-           'main']
+__all__ = ['TOY_INSIDE', 'KEEPS', 'DEFAULT_METHODS', 'DEFAULT_N', 'llm_prefill_flops', 'method_names', 'make_policy', 'evaluate',
+           'run_demo', 'format_table', 'plot_records', 'main']
 
-# %% ../../nbs/apps/demo.ipynb #32e64c31
-def llm_prefill_flops(config, n_tokens:int)->int:
-    "Prefill multiply-adds of the VLM's language model on `n_tokens` tokens (`measure.flops.analytic_prefill_flops`, `generate`'s single-position LM head)."
+# %% ../../nbs/apps/demo.ipynb #aa782583
+def llm_prefill_flops(config, n_tokens)->int:
+    "Prefill multiply-adds of the VLM's language model on `n_tokens` tokens, or one count per decoder layer (in-LLM pruning) (`measure.flops.analytic_prefill_flops`, `generate`'s single-position LM head)."
     from tokprune_nb.measure.flops import analytic_prefill_flops
     return int(analytic_prefill_flops(config, n_tokens, lm_head_tokens=1))
 
-# %% ../../nbs/apps/demo.ipynb #5fb3e9c9
-def make_policy(name:str, keep, seed:int=0, **kw):
-    "The policy `name` of `tokprune_nb.POLICIES` (or a toy-world oracle, see `ORACLES`) at budget `keep`, seeded where it has a seed."
-    if name in ORACLES: return OraclePrune(keep, share=ORACLES[name], seed=seed, **kw)
-    if name not in POLICIES: raise ValueError(f"`name` must be one of {', '.join([*POLICIES, *ORACLES])}, got {name!r}")
-    cls = POLICIES[name]
+# %% ../../nbs/apps/demo.ipynb #c82828ea
+TOY_INSIDE = {"fastv": dict(layer=1), "dart": dict(layer=1), "pdrop": dict(layers=(1, 2)), "sparsevlm": dict(layers=(0, 1))}
+"The toy LLaVA's LM has 3 layers: in-LLM stages start at layer 1 (layer 0 is the one they score with), see the notes."
+
+def method_names()->list:
+    "Every name `make_policy` accepts: selection policies, their `+merge` variants, merging policies, in-LLM methods, oracles."
+    return [*POLICIES, *(f"{p}+merge" for p in POLICIES), *MERGING, *INSIDE, *ORACLES]
+
+def make_policy(name:str, keep, seed:int=0, n_layers:int=3, **kw):
+    """The method `name` at budget `keep`, seeded where it has a seed: a policy of `tokprune_nb.POLICIES`, `"<policy>+merge"`
+    (`merge_pruned=True`), a merging policy of `merging.MERGING`, a toy-world oracle (`ORACLES`), or an in-LLM method of
+    `inllm.INSIDE` set by `inllm.methods.equal_flops` to the same mean image tokens per layer as pre-LLM `keep` on an
+    `n_layers`-layer LM (with the toy's stage layers `TOY_INSIDE`)."""
     import inspect
+    if not isinstance(name, str): raise TypeError(f"`name` must be a str, got {type(name).__name__}")
+    if name in ORACLES: return OraclePrune(keep, share=ORACLES[name], seed=seed, **kw)
+    if name in INSIDE: return equal_flops(name, keep, n_layers, **{**TOY_INSIDE.get(name, {}), **kw})
+    base = name[:-len("+merge")] if name.endswith("+merge") else name
+    if base not in POLICIES and name not in MERGING:
+        raise ValueError(f"`name` must be one of {', '.join(method_names())}, got {name!r}")
+    cls = POLICIES.get(base) or MERGING[name]
     if "seed" in inspect.signature(cls.__init__).parameters: kw.setdefault("seed", seed)
-    return cls(keep, **kw)
+    return cls(keep, **kw) if base == name else merging_policy(name, keep, **kw)
+
+def _inside_counts(ctx, image_cols:list, n_layers:int)->list:
+    "Per sample, the image tokens each decoder layer saw under the in-LLM stages of `ctx` (layers before a stage: all)."
+    kept, stages = ctx.inside.kept, ctx.inside.stages
+    out = []
+    for b, img in enumerate(image_cols):
+        per, n = [], len(img)
+        at = {st.layer: i for i, st in enumerate(stages)}
+        for l in range(n_layers):
+            if l in at and kept is not None and at[l] < len(kept):
+                n = int(torch.isin(kept[at[l]][b], img).sum())
+            per.append(n)
+        out.append(per)
+    return out
 
 def evaluate(
     toy:Toy,               # the toy models (`load_toy()`)
@@ -40,32 +71,44 @@ def evaluate(
     batch_size:int=35,     # scenes per `generate` call
     on_batch=None,         # progress callback, called with the batch size
 )->dict:                   # accuracy, accuracy_by_family, accuracy_by_type, kept_tokens, llm_flops, latency_ms
-    "Answer `examples` with `toy.llava` (inside `pruned(...)` when `policy` is given) and measure."
+    "Answer `examples` with `toy.llava` (inside `pruned(...)` when `policy` is given; an in-LLM policy runs as `inside=`) and measure."
     model, proc = toy.llava, toy.processor
+    inside = policy if isinstance(policy, InLLMPolicy) else None
+    n_layers = model.config.text_config.num_hidden_layers
     kept, flops, preds, secs = [], [], [], 0.0
     for i in range(0, len(examples), batch_size):
         ex = examples[i:i + batch_size]
-        if hasattr(policy, "seed") and policy.name == "random": policy.seed = policy.seed + 1   # a fresh subset per batch
+        if hasattr(policy, "seed") and getattr(policy, "name", None) == "random": policy.seed = policy.seed + 1   # a fresh subset per batch
         pol = policy.bind([e.scene for e in ex]) if isinstance(policy, OraclePrune) else policy   # oracles see the truth
+        text = [len(proc.tokenizer(e.prompt.replace("<image>", "")).input_ids) for e in ex]
         t0 = time.perf_counter()
         if policy is None:
             p = predict(model, proc, ex, batch_size=len(ex)); k = [N_PATCHES] * len(ex)
+            fl = [llm_prefill_flops(model.config, t + N_PATCHES) for t in text]
+        elif inside is not None:
+            with pruned(model, None, inside=inside) as ctx:
+                p = predict(model, proc, ex, batch_size=len(ex))
+                ids = ctx.last.kwargs["input_ids"]
+                img = [torch.nonzero(r == model.config.image_token_id).flatten() for r in ids]
+                per_layer = _inside_counts(ctx, img, n_layers)
+            k = [sum(c) / n_layers for c in per_layer]   # mean image tokens per layer: the equal-FLOP budget
+            fl = [llm_prefill_flops(model.config, [t + c for c in cs]) for t, cs in zip(text, per_layer)]
         else:
             with pruned(model, pol, clip=toy.clip, clip_tokenizer=toy.clip_tokenizer, tokenizer=toy.tokenizer):
                 p = predict(model, proc, ex, batch_size=len(ex))
             k = [int(s.numel()) for s in last_selection(model)]
+            fl = [llm_prefill_flops(model.config, t + kk) for t, kk in zip(text, k)]
         secs += time.perf_counter() - t0
-        text = [len(proc.tokenizer(e.prompt.replace("<image>", "")).input_ids) for e in ex]
-        flops += [llm_prefill_flops(model.config, t + kk) for t, kk in zip(text, k)]
-        preds += p; kept += k
+        flops += fl; preds += p; kept += k
         if on_batch: on_batch(len(ex))
     acc = accuracy_table(examples, preds)
     return {"accuracy": acc["accuracy"], "accuracy_by_family": acc["by_family"], "accuracy_by_type": acc["by_type"],
             "kept_tokens": float(np.mean(kept)), "llm_flops": float(np.mean(flops)),
             "latency_ms": 1000 * secs / len(examples)}
 
-# %% ../../nbs/apps/demo.ipynb #9e81a023
+# %% ../../nbs/apps/demo.ipynb #1e7fa945
 KEEPS = (1.0, 0.5, 0.25, 0.11)
+DEFAULT_METHODS = (*POLICIES, "zspaprune+merge", "atp+merge", "divprune+merge", "dpp+merge", *MERGING, *INSIDE, *ORACLES)
 DEFAULT_N = 140   # held-out scenes (20 per question type): about 3-4 minutes on 2 CPU cores
 
 def run_demo(
@@ -73,7 +116,7 @@ def run_demo(
     n:int=DEFAULT_N,        # held-out test scenes (one question each, the 7 types in turn)
     seed:int=0,             # picks the scenes (and seeds random/k-means policies)
     keeps=KEEPS,            # budgets (fractions of the 144 visual tokens, or int counts)
-    policies=None,          # policy names (default: all of `tokprune_nb.POLICIES` plus the oracles of `ORACLES`)
+    policies=None,          # method names (`method_names()`; default: `DEFAULT_METHODS`)
     batch_size:int=35,      # scenes per `generate` call
     progress:bool=True,     # tqdm progress bar
 )->list:                    # one record per (policy, keep)
@@ -81,31 +124,38 @@ def run_demo(
     from tqdm.auto import tqdm
     if not isinstance(n, int) or n < 1: raise ValueError(f"`n` must be a positive int, got {n!r}")
     toy = toy or load_toy()
-    names = list(policies or [*POLICIES, *ORACLES])
+    names = list(policies or DEFAULT_METHODS)
     for p in names:
-        if p not in POLICIES and p not in ORACLES:
-            raise ValueError(f"`policies`: unknown policy {p!r}; known: {', '.join([*POLICIES, *ORACLES])}")
+        if p not in method_names():
+            raise ValueError(f"`policies`: unknown method {p!r}; known: {', '.join(method_names())}")
+    n_layers = toy.llava.config.text_config.num_hidden_layers
     examples = make_examples("test", n, seed=seed)
     torch.manual_seed(seed)
-    records = []
+    records, skipped = [], []
     bar = tqdm(total=n * len(names) * len(keeps), disable=not progress, desc="tokprune demo", unit="scene")
     for keep in keeps:
         for name in names:
-            pol = make_policy(name, keep, seed=seed)
+            try: pol = make_policy(name, keep, seed=seed, n_layers=n_layers)
+            except ValueError as err:   # an in-LLM method whose layers before its first stage already cost more than `keep`
+                if name not in INSIDE: raise
+                skipped.append({"policy": name, "keep": keep, "reason": str(err)}); bar.update(n); continue
             bar.set_postfix_str(f"{name} keep={keep}")
             r = evaluate(toy, examples, pol, batch_size=batch_size, on_batch=bar.update)
-            records.append({"policy": name, "keep": keep, **r, "params": repr(pol)})
+            records.append({"policy": name, "keep": keep, **r, "params": repr(pol),
+                            "kind": "inside" if name in INSIDE else "merge" if (name in MERGING or name.endswith("+merge"))
+                                    else "oracle" if name in ORACLES else "select"})
     bar.close()
+    if skipped: print("not reachable at equal FLOPs: " + ", ".join(f"{r['policy']}@{r['keep']}" for r in skipped))
     return records
 
 def format_table(records:list)->str:
     "A plain-text table of the records: one row per (keep, policy)."
     fams = [f for f in QUESTION_FAMILIES if any(f in r["accuracy_by_family"] for r in records)]
-    head = f"{'keep':>5} {'policy':<10} {'acc':>6} " + " ".join(f"{f:>7}" for f in fams) + \
+    head = f"{'keep':>5} {'policy':<16} {'acc':>6} " + " ".join(f"{f:>7}" for f in fams) + \
            f" {'tokens':>7} {'LLM MFLOPs':>10} {'ms/scene':>9}"
     lines = [head, "-" * len(head)]
     for r in sorted(records, key=lambda r: (-float(r["keep"]), r["policy"])):
-        lines.append(f"{r['keep']:>5} {r['policy']:<10} {r['accuracy']:>6.3f} " +
+        lines.append(f"{r['keep']:>5} {r['policy']:<16} {r['accuracy']:>6.3f} " +
                      " ".join(f"{r['accuracy_by_family'].get(f, float('nan')):>7.3f}" for f in fams) +
                      f" {r['kept_tokens']:>7.1f} {r['llm_flops'] / 1e6:>10.2f} {r['latency_ms']:>9.1f}")
     return "\n".join(lines)
@@ -133,7 +183,7 @@ def main(argv=None)->int:
     p.add_argument("--n", type=int, default=DEFAULT_N, help=f"held-out scenes (default {DEFAULT_N}, ~3-4 min on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0, help="picks the scenes and seeds random / k-means policies")
     p.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS), help="budgets, fractions in (0,1]")
-    p.add_argument("--policies", nargs="+", default=None, help=f"subset of: {' '.join([*POLICIES, *ORACLES])}")
+    p.add_argument("--policies", nargs="+", default=None, help=f"methods (default: {' '.join(DEFAULT_METHODS)}); any of: {' '.join(method_names())}")
     p.add_argument("--batch-size", type=int, default=35, help="scenes per generate call")
     p.add_argument("--model", default=None, help="toy model directory (default: the shipped one)")
     p.add_argument("--json", default=None, help="write {seed, n, records} to this path")
