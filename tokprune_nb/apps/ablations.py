@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import torch
 from .. import POLICIES
+from ..merging import MERGING
+from ..inllm.methods import INSIDE
 from ..inject import pruned, last_selection
 from ..toyworld import (Toy, load_toy, make_examples, render, predict, N_PATCHES, CANVAS, PATCH,
                                   QUESTION_TYPES, git_commit)
@@ -17,8 +19,9 @@ from .demo import evaluate, make_policy
 from .widgets import overlay
 
 # %% auto #0
-__all__ = ['KEEPS', 'FRACS', 'ALPHAS', 'RESULTS_CSV', 'sweep', 'zspa_configs', 'atp_configs', 'baseline_configs', 'run_ablations',
-           'load_results', 'plot_param', 'plot_policies', 'kept_patches', 'plot_overlay', 'recommend_relevance_frac']
+__all__ = ['KEEPS', 'FRACS', 'ALPHAS', 'MERGE_KEEPS', 'MERGE_POLICIES', 'INSIDE_KEEPS', 'RESULTS_CSV', 'sweep', 'zspa_configs',
+           'atp_configs', 'baseline_configs', 'merge_configs', 'inside_configs', 'run_ablations', 'load_results',
+           'plot_param', 'plot_policies', 'merge_table', 'kept_patches', 'plot_overlay', 'recommend_relevance_frac']
 
 # %% ../../nbs/apps/ablations.ipynb #34ea1120
 def sweep(
@@ -58,6 +61,21 @@ def baseline_configs(keeps=KEEPS)->list:
     "Every other policy at its defaults."
     return [dict(policy=p, keep=k) for k in keeps for p in POLICIES if p not in ("zspaprune", "atp")]
 
+MERGE_KEEPS = (0.25, 0.11, 0.05)
+MERGE_POLICIES = ("zspaprune", "atp", "divprune", "dpp", "kmeans", "random", "uniform")
+
+def merge_configs(keeps=MERGE_KEEPS, policies=MERGE_POLICIES)->list:
+    "Each selection policy with and without `merge_pruned` (dropped tokens merged into their most similar kept token), and VisionZip."
+    return ([dict(policy=p, keep=k, merge_pruned=m) for k in keeps for p in policies for m in (False, True)]
+            + [dict(policy=v, keep=k) for k in keeps for v in MERGING])
+
+INSIDE_KEEPS = (0.5, 0.4)
+
+def inside_configs(keeps=INSIDE_KEEPS)->list:
+    "The in-LLM methods at equal FLOPs with pre-LLM `keeps` (a 3-layer LM cannot go below 1/3: see the demo), next to ZSPAPrune."
+    return ([dict(policy=p, keep=k) for k in keeps for p in INSIDE]
+            + [dict(policy="zspaprune", keep=k, relevance_frac=0.2, diversity="kmeans") for k in keeps if k not in KEEPS])
+
 # %% ../../nbs/apps/ablations.ipynb #3abe7947
 RESULTS_CSV = "results/ablations_toy.csv"
 
@@ -72,7 +90,7 @@ def run_ablations(
     "The whole ablation sweep (ZSPAPrune, ATP and the baselines), written to `out` with its seed and commit."
     toy = toy or load_toy()
     ex = make_examples("test", n, seed=seed)
-    cfgs = zspa_configs(keeps=keeps) + atp_configs(keeps=keeps) + baseline_configs(keeps)
+    cfgs = zspa_configs(keeps=keeps) + atp_configs(keeps=keeps) + baseline_configs(keeps) + merge_configs() + inside_configs()
     for c in cfgs:
         if c["policy"] in ("zspaprune", "random", "kmeans"): c.setdefault("seed", seed)
     t0 = time.time()
@@ -133,7 +151,16 @@ def plot_policies(df:pd.DataFrame, groups=("all", "local", "global"), extra:dict
     for ax in g.axes.flat: ax.minorticks_off(); ax.set_xticks(ticks); ax.set_xticklabels([str(t) for t in ticks])
     return g.figure
 
-# %% ../../nbs/apps/ablations.ipynb #0ba6ea2e
+# %% ../../nbs/apps/ablations.ipynb #67acd3cb
+def merge_table(df:pd.DataFrame, groups=("all", "local", "global"))->pd.DataFrame:
+    "Accuracy of each policy without / with `merge_pruned`, per keep and question family (from a sweep with `merge_configs`)."
+    d = df[df.policy.isin(MERGE_POLICIES) & df.group.isin(groups) & df.keep.isin(MERGE_KEEPS)].dropna(subset=["merge_pruned"])
+    d = d.assign(merge=d.merge_pruned.map(lambda m: "merge" if m in (True, "True") else "select"))
+    t = d.pivot_table(index=["keep", "policy"], columns=["group", "merge"], values="accuracy")
+    for g in groups: t[(g, "gain")] = t[(g, "merge")] - t[(g, "select")]
+    return t.reindex(columns=[(g, c) for g in groups for c in ("select", "merge", "gain")]).sort_index(ascending=[False, True])
+
+# %% ../../nbs/apps/ablations.ipynb #446420b2
 def kept_patches(toy:Toy, example, policy)->torch.Tensor:
     "Indices of the visual tokens `policy` keeps for one example (via `pruned` + `last_selection`)."
     with pruned(toy.llava, policy, clip=toy.clip, clip_tokenizer=toy.clip_tokenizer, tokenizer=toy.tokenizer):
@@ -167,7 +194,7 @@ def plot_overlay(
     plt.tight_layout()
     return fig
 
-# %% ../../nbs/apps/ablations.ipynb #5cda7164
+# %% ../../nbs/apps/ablations.ipynb #6b062204
 def recommend_relevance_frac(df:pd.DataFrame, keeps=(0.25, 0.11), diversity:str="kmeans")->tuple:
     "(best relevance_frac, table): the fraction with the highest mean accuracy over `keeps` (all questions)."
     d = df[(df.policy == "zspaprune") & (df.group == "all") & (df.diversity == diversity) & df.keep.isin(keeps)]
