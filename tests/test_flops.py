@@ -6,8 +6,8 @@ from transformers import LlamaConfig
 
 from tokprune_nb.measure.flops import (count_flops, analytic_prefill_flops, analytic_prefill_breakdown, meta_prefill_flops,
                                ARCH_CONFIGS, reference_seq_len, prefill_table, fvcore_analysis, torch_flop_counter,
-                               torch_flop_counts)
-from tokprune_nb.registry import families
+                               torch_flop_counts, CounterRefused, FVCORE_REFUSED, FVCORE_META_REFUSED)
+from tokprune_nb.registry import families, family_of, family_for_config
 from tokprune_nb.testing.tiny import tiny_llava, tiny_inputs, tiny_clip, tiny_qwen2_5_vl, tiny_qwen_inputs
 from tokprune_nb.policies import ZSPAPrune, ATP, ClsAttnPrune, DPPPrune, DivPrune, RandomPrune
 
@@ -46,10 +46,23 @@ def _same(a, b):
     return da == db
 
 
+def _fvcore_or_torch(m, inp, *args, **kw):
+    "fvcore's count; for a family where fvcore is refused, assert the refusal (naming the family) and count with torch."
+    name = family_of(m).name
+    if name not in FVCORE_REFUSED: return count_flops(m, inp, *args, **kw)
+    with pytest.raises(CounterRefused, match=name): count_flops(m, inp, *args, **kw)
+    return count_flops(m, inp, *args, counter="torch", **kw)
+
+
+def test_refusals_are_for_registered_families():
+    assert set(FVCORE_REFUSED) <= set(FAMILIES) and set(FVCORE_META_REFUSED) <= set(FAMILIES)
+    assert issubclass(CounterRefused, NotImplementedError)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_three_way_agreement_unpruned(tiny, family):
     m, p, inp = tiny[family]
-    fv, tc = count_flops(m, inp), count_flops(m, inp, counter="torch")
+    fv, tc = _fvcore_or_torch(m, inp), count_flops(m, inp, counter="torch")
     an = analytic_prefill_flops(m.config, fv.seq_len)
     assert fv.unsupported == {}
     assert _close(fv.llm, tc.llm) and _close(fv.llm, an)
@@ -62,7 +75,7 @@ def test_three_way_agreement_unpruned(tiny, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_to_keep_one_is_generate_prefill(tiny, family):
     m, p, inp = tiny[family]
-    fv = count_flops(m, inp, logits_to_keep=1)
+    fv = _fvcore_or_torch(m, inp, logits_to_keep=1)
     assert fv.llm == analytic_prefill_flops(m.config, fv.seq_len, lm_head_tokens=1)
     assert fv.lm_head == m.config.get_text_config().hidden_size * m.config.get_text_config().vocab_size
 
@@ -70,12 +83,12 @@ def test_logits_to_keep_one_is_generate_prefill(tiny, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_one_equals_unpruned_and_counts_fall(tiny, family):
     m, p, inp = tiny[family]
-    base = count_flops(m, inp)
-    full = count_flops(m, inp, ZSPAPrune(1.0))
+    base = _fvcore_or_torch(m, inp)
+    full = _fvcore_or_torch(m, inp, ZSPAPrune(1.0))
     assert (full.llm, full.seq_len, full.vision, full.projector) == (base.llm, base.seq_len, base.vision, base.projector)
     prev = full
     for keep in (0.5, 0.25):
-        c = count_flops(m, inp, ZSPAPrune(keep))
+        c = _fvcore_or_torch(m, inp, ZSPAPrune(keep))
         assert c.unsupported == {}
         assert c.llm < prev.llm and c.seq_len < prev.seq_len and c.vision == base.vision
         assert c.llm == analytic_prefill_flops(m.config, c.seq_len)
@@ -121,7 +134,12 @@ def test_7b_three_way_on_meta(arch):
     for keep in (1.0, 0.111):
         _, n = reference_seq_len(arch, keep)
         a = analytic_prefill_flops(cfg, n, lm_head_tokens=1)
-        assert a == meta_prefill_flops(cfg, n, 1, counter="fvcore") == meta_prefill_flops(cfg, n, 1, counter="torch")
+        assert a == meta_prefill_flops(cfg, n, 1, counter="torch")
+        name = family_for_config(cfg).name
+        if name in FVCORE_META_REFUSED:
+            with pytest.raises(CounterRefused, match=name): meta_prefill_flops(cfg, n, 1, counter="fvcore")
+        else:
+            assert a == meta_prefill_flops(cfg, n, 1, counter="fvcore")
 
 
 def test_7b_published_numbers():
@@ -176,6 +194,25 @@ def test_inside_three_way_per_layer_counts(family, method):
     assert fv.llm == analytic_prefill_flops(m.config, fv.layer_tokens, batch=fv.batch) + fv.scoring
     pre = count_flops(m, inp, ZSPAPrune(0.5), inside=pol)                  # composed with pre-LLM pruning
     assert pre.layer_tokens[0] < fv.layer_tokens[0] and pre.llm == analytic_prefill_flops(m.config, pre.layer_tokens, batch=2) + pre.scoring
+
+
+def test_analytic_hybrid_layers_by_hand():
+    "Qwen3.5's layer types: one gated full-attention layer (q_proj twice as wide) and one Gated DeltaNet layer, by hand."
+    from transformers import AutoConfig
+    base = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=4, vocab_size=10, linear_num_value_heads=2, linear_num_key_heads=1, linear_key_head_dim=4,
+                linear_value_head_dim=3, linear_conv_kernel_dim=4)
+    c = AutoConfig.for_model("qwen3_5_text", layer_types=["full_attention", "linear_attention"], **base)
+    n, C = 3, 64
+    full_proj, full_attn = n * 8 * (2 * 2 * 4 + 2 * 4 + 2 * 4), 2 * n * n * 2 * 4
+    conv = 2 * 1 * 4 + 2 * 3                                    # channels: q, k (1 head of 4), v (2 heads of 3)
+    lin_proj = n * 8 * (conv + 2 * 3 + 2 * 2) + n * 2 * 3 * 8
+    lin_mix = conv * 4 * (n + 3) + 2 * 1 * (2 * C * C * 4 + C * (C - 1) // 2 * (3 + 4) + 3 * C * 4 * 3 + C * C * 3)
+    b = analytic_prefill_breakdown(c, n, lm_head_tokens=1)
+    assert (b["proj"], b["attn"], b["mlp"], b["lm_head"]) == (full_proj + lin_proj, full_attn + lin_mix, 2 * n * 3 * 8 * 16, 80)
+    bad = AutoConfig.for_model("qwen3_5_text", **base)
+    bad.layer_types = ["full_attention", "mamba"]               # (the config's own constructor would replace it)
+    with pytest.raises(ValueError, match="layer_types"): analytic_prefill_flops(bad, 3)
 
 
 def test_analytic_per_layer_counts():

@@ -15,11 +15,12 @@ from collections.abc import Mapping
 from ..registry import families, family_of, family_for_config, published_configs
 
 # %% auto #0
-__all__ = ['ZERO_COST_OPS', 'FVCORE_DEFAULTS_OFF', 'TORCH_EXTRA_FORMULAS', 'ARCH_CONFIGS', 'REFERENCE_TOKENS', 'PROMPT_TOKENS',
-           'sdpa_flop_jit', 'baddbmm_flop_jit', 'einsum_flop_jit', 'matmul_flop_jit', 'cdist_flop_jit',
+__all__ = ['ZERO_COST_OPS', 'FVCORE_DEFAULTS_OFF', 'TORCH_EXTRA_FORMULAS', 'GATED_QUERY_MODELS', 'DELTA_CHUNK', 'ARCH_CONFIGS',
+           'REFERENCE_TOKENS', 'PROMPT_TOKENS', 'FVCORE_REFUSED', 'FVCORE_META_REFUSED', 'sdpa_flop_jit',
+           'baddbmm_flop_jit', 'einsum_flop_jit', 'matmul_flop_jit', 'cdist_flop_jit', 'solve_triangular_flop_jit',
            'conv_mode_flop_jit', 'fvcore_analysis', 'torch_flop_counter', 'torch_flop_counts', 'text_config',
-           'analytic_prefill_breakdown', 'analytic_prefill_flops', 'reference_seq_len', 'meta_prefill_flops',
-           'prefill_table', 'FlopCount', 'count_flops']
+           'analytic_prefill_breakdown', 'analytic_prefill_flops', 'reference_seq_len', 'CounterRefused',
+           'meta_prefill_flops', 'prefill_table', 'FlopCount', 'count_flops']
 
 # %% ../../nbs/measure/flops.ipynb #e11263f0
 def sdpa_flop_jit(inputs:list, outputs:list)->int:
@@ -58,6 +59,15 @@ def cdist_flop_jit(inputs:list, outputs:list)->int:
     "fvcore handle for `aten::cdist` ([..,N,D] vs [..,M,D]): one multiply-add per pair and dimension."
     a, b = get_shape(inputs[0]), get_shape(inputs[1])
     return math.prod(a) * b[-2]
+
+def solve_triangular_flop_jit(inputs:list, outputs:list)->int:
+    "fvcore handle for `aten::linalg_solve_triangular` (A [..,C,C], B): substitution, C(C-1)/2 multiply-adds per right-hand side."
+    return _solve_triangular_macs(get_shape(inputs[0]), get_shape(outputs[0]))
+
+def _solve_triangular_macs(a_shape, out_shape)->int:
+    "Multiply-adds of a triangular solve with `a_shape[-1]` unknowns per system: C(C-1)/2 per right-hand-side column (divisions by the diagonal are elementwise, 0)."
+    C = a_shape[-1]
+    return math.prod(out_shape) * (C - 1) // 2   # numel(out) = systems·C·columns, and C(C-1) is even
 
 def conv_mode_flop_jit(inputs:list, outputs:list)->int:
     "fvcore handle for `aten::_convolution_mode` (a conv with string padding, e.g. InternViT's patch embedding): as `aten::_convolution`."
@@ -100,7 +110,8 @@ def fvcore_analysis(
     fa = FlopCountAnalysis(module, inputs)
     fa.set_op_handle(**{"aten::scaled_dot_product_attention": sdpa_flop_jit, "aten::cdist": cdist_flop_jit,
                         "aten::baddbmm": baddbmm_flop_jit, "aten::einsum": einsum_flop_jit,
-                        "aten::matmul": matmul_flop_jit, "aten::mm": matmul_flop_jit, "aten::_convolution_mode": conv_mode_flop_jit})
+                        "aten::matmul": matmul_flop_jit, "aten::mm": matmul_flop_jit, "aten::_convolution_mode": conv_mode_flop_jit,
+                        "aten::linalg_solve_triangular": solve_triangular_flop_jit})
     fa.set_op_handle(**{o: None for o in ZERO_COST_OPS}, **{o: _zero_flop for o in FVCORE_DEFAULTS_OFF})
     fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     return fa.ancestor_mode("caller")
@@ -120,21 +131,42 @@ def _dot_flop(a_shape, b_shape, *args, out_shape=None, **kwargs)->int:
 def _cdist_flop(x1_shape, x2_shape, *args, out_shape=None, **kwargs)->int:
     return 2 * math.prod(x1_shape) * x2_shape[-2]   # FlopCounterMode convention: 2 per multiply-add
 
+def _solve_triangular_flop(a_shape, b_shape, *args, out_shape=None, **kwargs)->int:
+    return 2 * _solve_triangular_macs(a_shape, out_shape)
+
 TORCH_EXTRA_FORMULAS = {_aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flop,
-                        _aten._cdist_forward: _cdist_flop, _aten.mv: _mv_flop, _aten.dot: _dot_flop}
+                        _aten._cdist_forward: _cdist_flop, _aten.mv: _mv_flop, _aten.dot: _dot_flop,
+                        _aten.linalg_solve_triangular: _solve_triangular_flop}
 
 def torch_flop_counter()->FlopCounterMode:
-    "A silent `FlopCounterMode` that also counts CPU SDPA, `cdist`, `mv` and `dot`."
+    "A silent `FlopCounterMode` that also counts CPU SDPA, `cdist`, `mv`, `dot` and triangular solves."
     return FlopCounterMode(display=False, custom_mapping=dict(TORCH_EXTRA_FORMULAS))
 
 def torch_flop_counts(counter:FlopCounterMode)->dict:
     "Multiply-adds per module name (`'Global'` = everything) from a finished `FlopCounterMode`."
     return {name: sum(ops.values()) // 2 for name, ops in counter.get_flop_counts().items()}
 
-# %% ../../nbs/measure/flops.ipynb #ec07e2f9
+# %% ../../nbs/measure/flops.ipynb #dd980d13
 def text_config(config):
     "The language model's config of a VLM config (or `config` itself if it is one)."
     return getattr(config, "text_config", None) or config
+
+# Text-model types whose full-attention `q_proj` also emits an output gate (twice the query width): Qwen3.5's.
+GATED_QUERY_MODELS = ("qwen3_5_text",)
+DELTA_CHUNK = 64   # chunk length of transformers' PyTorch Gated DeltaNet (`torch_chunk_gated_delta_rule`)
+
+def _delta_layer(tc, n:int)->tuple:
+    "(projections, token mixing) multiply-adds of one Gated DeltaNet layer on `n` tokens, as transformers' PyTorch path computes it."
+    d, K = tc.hidden_size, tc.linear_conv_kernel_dim
+    H, Hk, dk, dv = tc.linear_num_value_heads, tc.linear_num_key_heads, tc.linear_key_head_dim, tc.linear_value_head_dim
+    conv_dim = 2 * Hk * dk + H * dv
+    proj = n * d * (conv_dim + H * dv + 2 * H) + n * H * dv * d          # in_proj_qkv, z, b, a; out_proj
+    C = DELTA_CHUNK; N = -(-n // C)                                      # chunks after padding to a multiple of C
+    mix = (conv_dim * K * (n + K - 1)                                    # depthwise causal conv (padded both sides)
+           + H * N * (2 * C * C * dk                                     # k_beta·kᵀ and q·kᵀ inside each chunk
+                      + C * (C - 1) // 2 * (dv + dk)                     # the two unit-triangular solves
+                      + 3 * C * dk * dv + C * C * dv))                   # per chunk: k_cumdecay·S, q·S, kᵀ·v_new; attn·v_new
+    return proj, mix
 
 def analytic_prefill_breakdown(
     config,                    # a VLM config (its `text_config` is used) or an LLM config
@@ -142,21 +174,31 @@ def analytic_prefill_breakdown(
     lm_head_tokens:int=None,   # positions whose logits are computed: default all of the last layer's tokens (a forward); 1 = generate's prefill
     batch:int=1,               # sequences
 )->dict:                       # multiply-adds: proj, attn, mlp, lm_head, total
-    "LLM prefill multiply-adds from the architecture, by component; each layer costs what its own token count costs."
+    "LLM prefill multiply-adds from the architecture, by component; each layer costs what its own token count and type cost."
     tc = text_config(config)
     d, m, L, V = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, tc.vocab_size
     per = [n_tokens] * L if isinstance(n_tokens, int) and not isinstance(n_tokens, bool) else n_tokens
     if not isinstance(per, (list, tuple)) or len(per) != L or \
        any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in per):
         raise ValueError(f"`n_tokens` must be a positive int or {L} positive ints (one per decoder layer), got {n_tokens!r}")
+    types = getattr(tc, "layer_types", None) or ["full_attention"] * L
+    bad = sorted(set(types) - {"full_attention", "sliding_attention", "linear_attention"})
+    if bad or len(types) != L:
+        raise ValueError(f"`config`: layer_types must be {L} of full_attention/sliding_attention/linear_attention, got {bad or len(types)}")
     h = tc.num_attention_heads
     hkv = getattr(tc, "num_key_value_heads", None) or h
     dh = getattr(tc, "head_dim", None) or d // h
+    hq = 2 * h if tc.model_type in GATED_QUERY_MODELS else h           # q_proj width in heads (query + output gate)
     n = per[-1]
     lm = n if lm_head_tokens is None else lm_head_tokens
     if not 0 <= lm <= n: raise ValueError(f"`lm_head_tokens` must be in [0, n_tokens={n}], got {lm}")
-    out = dict(proj=sum(per) * d * (2 * h * dh + 2 * hkv * dh), attn=sum(2 * k * k * h * dh for k in per),
-               mlp=sum(per) * 3 * d * m, lm_head=lm * d * V)
+    out = dict(proj=0, attn=0, mlp=sum(per) * 3 * d * m, lm_head=lm * d * V)
+    for k, t in zip(per, types):
+        if t == "linear_attention":
+            p, a = _delta_layer(tc, k)
+        else:   # sliding windows are masks over the full score matrix: SDPA computes all of it
+            p, a = k * d * (hq * dh + h * dh + 2 * hkv * dh), 2 * k * k * h * dh
+        out["proj"] += p; out["attn"] += a
     out = {k: batch * v for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
@@ -165,7 +207,7 @@ def analytic_prefill_flops(config, n_tokens, lm_head_tokens:int=None, batch:int=
     "LLM prefill multiply-adds (one multiply-add = one FLOP) of `config` on `n_tokens` tokens (an int, or one per layer)."
     return analytic_prefill_breakdown(config, n_tokens, lm_head_tokens, batch)["total"]
 
-# %% ../../nbs/measure/flops.ipynb #c66ab7f4
+# %% ../../nbs/measure/flops.ipynb #d8c8db97
 class _PublishedView(Mapping):
     "A live, read-only view of the registry's published checkpoints: name -> `get(Published)`."
     def __init__(self, get): self._get = get
@@ -180,7 +222,7 @@ class _PublishedView(Mapping):
 ARCH_CONFIGS = _PublishedView(lambda p: p.config)                                 # name -> () -> HF config
 REFERENCE_TOKENS = _PublishedView(lambda p: (p.visual_tokens, p.extra_tokens))    # name -> (prunable, never pruned)
 
-# %% ../../nbs/measure/flops.ipynb #7fc89380
+# %% ../../nbs/measure/flops.ipynb #78c4e181
 PROMPT_TOKENS = 40
 
 def reference_seq_len(arch:str, keep=1.0, text_tokens:int=PROMPT_TOKENS)->tuple:
@@ -191,7 +233,7 @@ def reference_seq_len(arch:str, keep=1.0, text_tokens:int=PROMPT_TOKENS)->tuple:
     k = budget(keep, n)
     return k, text_tokens + k + extra
 
-# %% ../../nbs/measure/flops.ipynb #4a94de03
+# %% ../../nbs/measure/flops.ipynb #798560e7
 class _Prefill(nn.Module):
     "LLM prefill on given embeddings: decoder layers, then `lm_head` on the last `lm_head_tokens` positions."
     def __init__(self, lm, lm_head, lm_head_tokens):
@@ -199,6 +241,25 @@ class _Prefill(nn.Module):
     def forward(self, x, mask):
         h = self.lm(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
         return self.lm_head(h[:, h.shape[1] - self.k:]) if self.k else h
+
+class CounterRefused(NotImplementedError):
+    "A counting way that cannot work for a family (see `FVCORE_REFUSED`, `FVCORE_META_REFUSED`): refused, never approximated."
+
+# family -> why fvcore's JIT tracer cannot count that family's real forward (`count_flops(counter="fvcore")`)
+FVCORE_REFUSED = {
+    "gemma3": "Gemma 3 builds its attention masks (bidirectional image blocks from `token_type_ids`) with transformers' "
+              "vmap-ed mask functions, which run a custom autograd.Function the JIT tracer cannot record "
+              "(RuntimeError: unordered_map::at); use counter='torch' (FlopCounterMode, which equals the formula)",
+}
+# family -> why fvcore cannot count that family's language model on the meta device (`meta_prefill_flops(counter="fvcore")`)
+FVCORE_META_REFUSED = {
+    "qwen3.5": "Qwen3.5's Gated DeltaNet layers run a depthwise conv1d; traced on the meta device, its Python shape check "
+               "receives traced sizes (tensors) and fails (TypeError in torch._check); use counter='torch' on meta, or "
+               "fvcore on a real model (`count_flops`), which both equal the formula",
+}
+
+def _refuse(refused:dict, family:str, what:str):
+    if family in refused: raise CounterRefused(f"{what} cannot count family {family!r}: {refused[family]}")
 
 def meta_prefill_flops(
     config,                   # a supported VLM config
@@ -208,8 +269,12 @@ def meta_prefill_flops(
     batch:int=1,
 )->int:
     "LLM prefill multiply-adds counted on the real HF module code of `config`, built on the meta device."
-    with torch.device("meta"): model = family_for_config(config).hf_class()(config)
-    lm = model.model.language_model
+    if counter not in ("fvcore", "torch"): raise ValueError(f"`counter` must be 'fvcore' or 'torch', got {counter!r}")
+    fam = family_for_config(config)
+    if counter == "fvcore": _refuse(FVCORE_META_REFUSED, fam.name, "fvcore on the meta device")
+    with torch.device("meta"): model = fam.hf_class()(config)
+    from tokprune_nb.inllm.base import text_model
+    lm = text_model(model)            # the decoder stack (`model.language_model`, SmolVLM's `model.text_model`)
     k = n_tokens if lm_head_tokens is None else lm_head_tokens
     mod = _Prefill(lm, model.lm_head, k).eval()
     d = text_config(config).hidden_size
@@ -224,9 +289,8 @@ def meta_prefill_flops(
         if counter == "torch":
             with torch_flop_counter() as fc: mod(x, mask)
             return torch_flop_counts(fc)["Global"]
-    raise ValueError(f"`counter` must be 'fvcore' or 'torch', got {counter!r}")
 
-# %% ../../nbs/measure/flops.ipynb #a942c544
+# %% ../../nbs/measure/flops.ipynb #020d6264
 def prefill_table(keeps=(1.0, 0.5, 0.25, 0.111, 64), archs=None, text_tokens:int=PROMPT_TOKENS)->list:
     "Rows (arch, keep, kept visual tokens, seq len, LLM prefill TFLOP, ideal speedup) from the formula; `archs`: default all published."
     rows = []
@@ -239,7 +303,7 @@ def prefill_table(keeps=(1.0, 0.5, 0.25, 0.111, 64), archs=None, text_tokens:int
             rows.append(dict(arch=arch, keep=keep, kept_tokens=k, seq_len=n, tflops=f / 1e12, ideal_speedup=base / f))
     return rows
 
-# %% ../../nbs/measure/flops.ipynb #c8187541
+# %% ../../nbs/measure/flops.ipynb #0004edc4
 def _parts(model)->dict:
     "part -> list of (dotted module path, sign), as `model`'s family registered them."
     try: return family_of(model).flop_parts
@@ -320,7 +384,7 @@ def _split(totals:dict, parts:dict, prefix:str)->dict:
     "Part totals from per-module totals (keys `prefix + path`)."
     return {p: sum(s * totals.get(prefix + path, 0) for path, s in paths) for p, paths in parts.items()}
 
-# %% ../../nbs/measure/flops.ipynb #a8ddeff3
+# %% ../../nbs/measure/flops.ipynb #3609662e
 def count_flops(
     model,                   # a VLM of a registered family (`registry.families()`), eval mode
     inputs:dict,             # processor outputs (`input_ids`, `pixel_values`, ...)
@@ -334,6 +398,7 @@ def count_flops(
     "Multiply-adds of one `model(**inputs)` forward, split into vision, projector, LLM prefill and selection."
     if counter not in ("fvcore", "torch"): raise ValueError(f"`counter` must be 'fvcore' or 'torch', got {counter!r}")
     parts = _parts(model)
+    if counter == "fvcore": _refuse(FVCORE_REFUSED, family_of(model).name, "fvcore (JIT trace of the full forward)")
     seen = {}
     def lm_hook(mod, args, kwargs):
         x = kwargs.get("inputs_embeds")
