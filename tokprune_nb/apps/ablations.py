@@ -127,7 +127,7 @@ def plot_param(
     "Accuracy vs `param`, one line per keep, one panel per question family; dashed: the full model."
     import seaborn as sns, matplotlib.pyplot as plt
     d = df[(df.policy == policy) & df.group.isin(groups)]
-    if query: d = d.query(query)
+    if query: d = d.query(query, engine="python")   # numexpr (installed with the eval extra) reads `sign` as np.sign
     g = sns.relplot(data=d, x=param, y="accuracy", hue="keep", col="group", col_order=list(groups), kind="line",
                     marker="o", palette="viridis_r", height=3, aspect=1.0)
     full = df[df.policy == "full"].set_index("group").accuracy
@@ -142,7 +142,7 @@ def plot_policies(df:pd.DataFrame, groups=("all", "local", "global"), extra:dict
     d = df[df.group.isin(groups)]
     base = d[d.policy.isin([p for p in POLICIES if p not in ("zspaprune", "atp")])].assign(label=lambda x: x.policy)
     parts = [base]
-    for label, q in (extra or {}).items(): parts.append(d.query(q).assign(label=label))
+    for label, q in (extra or {}).items(): parts.append(d.query(q, engine="python").assign(label=label))
     d = pd.concat(parts, ignore_index=True)
     g = sns.relplot(data=d, x="kept_tokens", y="accuracy", hue="label", col="group", col_order=list(groups),
                     kind="line", marker="o", height=3, aspect=1.0)

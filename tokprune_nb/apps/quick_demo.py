@@ -9,6 +9,7 @@ import torch
 from ..inject import pruned, last_selection
 from ..policies import POLICIES
 from ..registry import families, family_named
+from ..inllm.base import text_model
 
 # %% auto #0
 __all__ = ['PROMPTS', 'DEFAULT_FAMILY', 'kept_grid', 'run_quick_demo', 'main']
@@ -62,7 +63,7 @@ def run_quick_demo(
     inputs = dict(fam.inputs(processor, PROMPTS, seed=seed))
     gen = dict(max_new_tokens=new_tokens, do_sample=False)
     lm_lens = []
-    hook = model.model.language_model.register_forward_pre_hook(
+    hook = text_model(model).register_forward_pre_hook(   # the decoder stack, wherever the family keeps it
         lambda m, a, kw: lm_lens.append((kw.get('inputs_embeds') if kw.get('inputs_embeds') is not None else a[0]).shape[1]),
         with_kwargs=True)
     try:
