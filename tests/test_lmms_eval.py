@@ -42,6 +42,20 @@ def test_tokprune_eval_equals_demo(tmp_path):
     assert len({r["accuracy"] for r in recs}) > 1, "every grid point scored the same: the comparison would be vacuous"
 
 
+def test_merging_and_in_llm_methods_equal_demo(tmp_path):
+    "Merging (VisionZip, '<policy>+merge') and in-LLM methods (FastV at equal FLOPs) through lmms-eval = the demo's."
+    js = tmp_path / "eval.json"
+    names = ["visionzip", "zspaprune+merge", "fastv"]
+    assert eval_main(["--n", str(N), "--policies", *names, "--keeps", "0.5", "--batch-size", "5", "--json", str(js)]) == 0
+    recs = json.loads(js.read_text())["records"]
+    assert [r["policy"] for r in recs] == names
+    toy, examples = load_toy(), make_examples("test", N, seed=0)
+    for r in recs:
+        d = evaluate(toy, examples, make_policy(r["policy"], 0.5, seed=0))
+        assert (r["accuracy"], r["accuracy_by_type"], r["kept_tokens"]) == (d["accuracy"], d["accuracy_by_type"], d["kept_tokens"]), r["policy"]
+        assert r["llm_flops"] == pytest.approx(d["llm_flops"], rel=1e-12)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]

@@ -28,7 +28,7 @@ def grid_methods(name:str, keep, seed:int=0)->tuple:
     from tokprune_nb.inllm.base import InLLMPolicy
     if name in ORACLES: raise ValueError(f"`policies`: {name!r} is a toy-world oracle (it reads the scene's truth), not an lmms-eval method")
     from tokprune_nb.apps import demo
-    known = demo.method_names() if hasattr(demo, "method_names") else [*demo.POLICIES, *ORACLES]
+    known = demo.method_names()
     if name not in known:              # a name the demo does not build: the lmms-eval model's own lookup (or its error)
         kind, cls = find_method(name[:-len("+merge")] if name.endswith("+merge") else name)
         kw = {"keep": keep, **({"seed": seed} if "seed" in inspect.signature(cls.__init__).parameters else {})}
