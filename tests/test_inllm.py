@@ -387,3 +387,23 @@ def test_equal_flops_runs_on_the_toy_depth():
                      ("sparsevlm", dict(layers=(0, 1)))):
         p = equal_flops(name, 0.5, 3, **kw)
         assert math.isclose(image_share(p, 3), 0.5, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: FastV(layer=2, keep=0.5), lambda: DART(layer=2, keep=0.3),
+                                  lambda: SparseVLM(keep=(0.5, 0.25), layers=(0, 1))], ids=["fastv", "dart", "sparsevlm"])
+def test_scorer_before_its_stage_reuses_the_layers_own_projections(make, monkeypatch):
+    """A scorer layer that runs on the layout its stage prunes is scored from the q/k its own forward computes
+    (REUSE_PROJECTIONS): the same logits and generations as projecting again, at a fraction of the scoring FLOPs."""
+    from tokprune_nb.testing.tiny import tiny_llava, tiny_inputs
+    from tokprune_nb.inllm import base as IB
+    model, proc = tiny_llava(text_layers=4)
+    x = tiny_inputs(proc, ["what is in the image ?", "how many dog are there ?"])
+    res = {}
+    for reuse in (False, True):
+        monkeypatch.setattr(IB, "REUSE_PROJECTIONS", reuse)
+        with torch.no_grad(), pruned(model, None, inside=make()):
+            t0 = IB.SCORING["flops"]; logits = model(**x).logits; fl = IB.SCORING["flops"] - t0
+            gen = model.generate(**x, max_new_tokens=4, do_sample=False)
+        res[reuse] = (logits, fl, gen)
+    assert torch.equal(res[False][0], res[True][0]) and torch.equal(res[False][2], res[True][2])
+    assert res[True][1] * 4 <= res[False][1]

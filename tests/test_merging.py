@@ -272,3 +272,30 @@ def test_tome_matches_a_plain_reference_and_batches(seed, n, k):
     for b, s in enumerate(sets):
         alone = ToMePrune(k)(s)
         assert torch.equal(batch.index[b, :k], alone.index) and torch.equal(batch.feats[b, :k], alone.feats)
+
+
+def test_visionzip_per_tile_on_llava_next():
+    """LLaVA-NeXT's adapter names each token's crop (`tiles`: 0 = base view); VisionZip shares the budget out over the
+    crops in proportion to their tokens and merges within each crop; per_tile=False is one VisionZip over the image."""
+    from tokprune_nb.testing.tiny import tiny_llava_next, tiny_inputs
+    from tokprune_nb.inject import pruned, last_selection
+    from tokprune_nb.merging import VisionZip, shares
+    from tokprune_nb.policies import Policy
+    model, proc = tiny_llava_next()
+    x = tiny_inputs(proc, ["what is in the image ?", "how many dog are there ?"], sizes=[(56, 56), (28, 56)])
+    seen = []
+    class Spy(Policy):                                    # records the TokenSets, keeps everything
+        name = "spy"
+        def __call__(self, ts): seen.extend(ts.split() if ts.batched else [ts]); return self._indices(ts)
+        def _select(self, ts, k): return torch.arange(k).expand(ts.batch_size, k)
+    with torch.no_grad(), pruned(model, Spy(1.0)): model(**x)
+    counts = [torch.bincount(s.tiles).tolist() for s in seen]
+    assert counts[0][0] == 16 and len(counts[0]) == 5 and len(counts[1]) == 3   # 4x4 base + 2x2 / 1x2 crops
+    for pt in (True, False):
+        with torch.no_grad(), pruned(model, VisionZip(0.5, per_tile=pt)): model(**x)
+        sel = last_selection(model)
+        for s, c, kept in zip(seen, counts, sel):
+            k = s.n_tokens // 2
+            per = torch.bincount(s.tiles[kept], minlength=len(c)).tolist()
+            assert len(kept) == k
+            if pt: assert per == shares(k, c)

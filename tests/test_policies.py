@@ -283,13 +283,13 @@ def test_constructors_never_coerce(bad, err, match):
 
 NON_DEFAULT = {
     'zspaprune': dict(keep=7, relevance_frac=0.35, diversity='maxmin', seed=3, iters=4, n_trials=None, reduce='max',
-                      normalize=False),
+                      normalize=False, seed_rounds=None),
     'atp': dict(keep=0.3, alpha=0.25, saliency_layer=-3, sign=-1, relevance='prompt'),
     'random': dict(keep=5, seed=11),
     'uniform': dict(keep=0.4),
     'cls_attn': dict(keep=3, saliency_layer=-5),
     'relevance': dict(keep=0.2, reduce='max'),
-    'kmeans': dict(keep=0.6, seed=2, iters=7, normalize=False, n_trials=3),
+    'kmeans': dict(keep=0.6, seed=2, iters=7, normalize=False, n_trials=3, seed_rounds=5),
     'divprune': dict(keep=4, metric='euclidean'),
     'dpp': dict(keep=0.45, theta=2.5, reduce='max'),
 }

@@ -197,5 +197,12 @@ def test_temporal_prune_on_static_video_keeps_the_changed_cells():
 def test_temporal_prune_refuses_still_images(fam):
     name, model, proc = fam
     x = batches(proc)["mixed"]
-    with pruned(model, TemporalPrune(keep=0.5)), pytest.raises(ValueError, match="3-D"): model(**x)
+    with pruned(model, TemporalPrune(keep=0.5)), pytest.raises(ValueError, match="video-only"): model(**x)
+    # refused before the vision tower runs: nothing is encoded for inputs the policy cannot prune
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pruned(model, TemporalPrune(keep=0.5)), pytest.raises(ValueError, match="video-only.*image"): model(**x)
+    finally: hook.remove()
+    assert calls == []
     with pytest.raises(ValueError, match="3-D"): TemporalPrune(keep=0.5)(TokenSet(feats=torch.randn(6, 4), grid=(2, 3)))

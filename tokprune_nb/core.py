@@ -41,8 +41,8 @@ def check_mask(mask, name:str, shape:tuple, device=None):
         raise ValueError(f"`{name}` is on {mask.device} but the features are on {device}")
     return mask
 
-# %% ../nbs/00_core.ipynb #b4dcbb21
-_PER_TOKEN = ('saliency', 'clip_feats', 'vision_feats', 'keys')
+# %% ../nbs/00_core.ipynb #dc4f93dd
+_PER_TOKEN = ('saliency', 'clip_feats', 'vision_feats', 'keys', 'tiles')
 
 @dataclass(eq=False)
 class TokenSet:
@@ -57,6 +57,7 @@ class TokenSet:
     clip_text: Tensor|None = None   # [.,C] CLIP text embedding of the prompt
     vision_feats: Tensor|None = None  # [.,N,Dv] the tower's features before the projector (merging policies, e.g. VisionZip)
     keys: Tensor|None = None          # [.,N,Dk] a vision layer's keys, averaged over heads (VisionZip's merge metric)
+    tiles: Tensor|None = None         # [.,N] long: the tile (crop) each token comes from, 0 = the first (per-tile methods)
 
     def __post_init__(self): self.validate()
 
@@ -144,6 +145,12 @@ def _validate(self:TokenSet)->TokenSet:
         if self.prompt_mask is not None and bool((self.prompt_mask.reshape(-1, self.prompt.shape[-2]).sum(-1) == 0).any()):
             raise ValueError("`prompt_mask` marks no real prompt token for some image")
     elif self.prompt_mask is not None: raise ValueError("`prompt_mask` was given without `prompt`")
+    if self.tiles is not None:
+        t = self.tiles
+        if not isinstance(t, Tensor) or t.dtype != torch.long:
+            raise TypeError(f"`tiles` must be a LongTensor (the tile of each token), got {getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != lead + (N,): raise ValueError(f"`tiles` must have shape {lead + (N,)}, got {tuple(t.shape)}")
+        if t.numel() and int(t.min()) < 0: raise ValueError("`tiles` must hold tile numbers >= 0")
     for name in ('vision_feats', 'keys'):
         v = getattr(self, name)
         if v is not None:
@@ -193,7 +200,7 @@ def _stack(sets:list)->TokenSet:
     dims = {(int(s.dim), str(s.feats.dtype), str(s.device)) for s in sets}   # int(): shapes are tensors when traced
     if len(dims) > 1: raise ValueError(f"`sets` must share feature dim, dtype and device, got {sorted(dims)}")
     if any(s.batched for s in sets): raise ValueError("`sets` must be single-image TokenSets (feats [N,D])")
-    for name in ('saliency', 'prompt', 'clip_feats', 'clip_text', 'vision_feats', 'keys'):
+    for name in ('saliency', 'prompt', 'clip_feats', 'clip_text', 'vision_feats', 'keys', 'tiles'):
         have = [s.has(name) for s in sets]
         if any(have) and not all(have): raise ValueError(f"`{name}` is present for some images and missing for others")
     ns = [s.n_tokens for s in sets]; N = max(ns)

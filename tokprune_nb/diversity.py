@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['sync_free', 'gpu_path', 'kmeans', 'kmeans_inertia', 'nearest_to_centres', 'kmeans_nearest', 'maxmin_select']
+__all__ = ['sync_free', 'gpu_path', 'round_sizes', 'kmeans', 'kmeans_inertia', 'nearest_to_centres', 'kmeans_nearest',
+           'maxmin_select']
 
 # %% ../nbs/02_diversity.ipynb #684f6800
 def _work_dtype(x:Tensor)->torch.dtype:
@@ -208,15 +209,63 @@ def _kmeanspp(X:Tensor, xn:Tensor, valid:Tensor, u:Tensor)->Tensor:
         idx[:, c] = cand[ar, best]
     return idx
 
-# %% ../nbs/02_diversity.ipynb #9ec496eb
+def round_sizes(k:int, rounds:int|None)->list:
+    "Seeds per round after the first seed: `k - 1` split into at most `rounds` rounds of `ceil((k-1)/rounds)`."
+    if k <= 1: return []
+    if rounds is None or rounds >= k - 1: return [1] * (k - 1)
+    s = -(-(k - 1) // rounds)
+    return [s] * ((k - 1) // s) + ([(k - 1) % s] if (k - 1) % s else [])
+
+def _kmeanspp_rounds(X:Tensor, xn:Tensor, valid:Tensor, u:Tensor, logE:Tensor, sizes:list)->Tensor:
+    """k-means++ seeding in rounds on `X [B,N,d]`: the first seed uniform (`u[0, 0]`), then round `r` draws
+    `sizes[r]` seeds at once, D²-weighted *without replacement* (exponential race: the smallest
+    `log E - log D²` win), `L = logE.shape[1]` candidate sets per round, the set that lowers the potential most
+    kept (greedy k-means++ in rounds). `logE [R,L,N]`: logs of Exp(1) draws. Returns `[B,k]` point indices."""
+    B, N, _ = X.shape
+    L = logE.shape[1]
+    ar = torch.arange(B, device=X.device)
+    i0 = _sample(valid.to(X.dtype), u[0, :1])
+    closest = _sq_dists(X, xn, _gather_rows(X, i0), xn.gather(1, i0)).squeeze(-1)
+    taken = (~valid).scatter(1, i0, True)                          # padding and chosen points are never drawn
+    parts = [i0]
+    if L == 1:   # one candidate set per round: the same arithmetic, fewer small ops
+        lg = logE[:, 0]
+        for r, m in enumerate(sizes):
+            key = torch.where(closest > 0, lg[r] - closest.log(), lg[r] + 1e4).masked_fill_(taken, math.inf)
+            pick = key.topk(m, -1, largest=False).indices            # [B,m]
+            d = _sq_dists(_gather_rows(X, pick), xn.gather(1, pick), X, xn).amin(1)
+            closest = torch.minimum(closest, d)
+            taken.scatter_(1, pick, True)
+            parts.append(pick)
+        return torch.cat(parts, 1)
+    for r, m in enumerate(sizes):
+        # points at distance 0 (copies of a seed) only after every positive-weight point: +1e4 puts them last
+        key = torch.where(closest.unsqueeze(1) > 0, logE[r] - closest.log().unsqueeze(1), logE[r] + 1e4)
+        cand = key.masked_fill_(taken.unsqueeze(1), math.inf).topk(m, -1, largest=False).indices   # [B,L,m]
+        flat = cand.reshape(B, L * m)
+        d = _sq_dists(_gather_rows(X, flat), xn.gather(1, flat), X, xn).view(B, L, m, N).amin(2)
+        new = torch.minimum(closest.unsqueeze(1), d)               # [B,L,N]
+        if L == 1: best = ar.new_zeros(B)
+        else: best = new.masked_fill(taken.unsqueeze(1), 0).sum(-1).argmin(1)   # potential after each candidate set
+        pick = cand[ar, best]                                      # [B,m]
+        closest = new[ar, best]
+        taken = taken.scatter(1, pick, True)
+        parts.append(pick)
+    return torch.cat(parts, 1)
+
+# %% ../nbs/02_diversity.ipynb #eb717b9d
 @torch.compiler.assume_constant_result
-def _seed_draws(seed:int, k:int, L:int, q:int, device:str, dtype)->tuple:
+def _seed_draws(seed:int, k:int, L:int, q:int, device:str, dtype, R:int=0, N:int=0)->tuple:
     """The random numbers of one k-means run, from one generator seeded with `seed` on `device`: the uniforms `[k,L]`
-    of the seeding, then `q` sketch signs (none when `q == 0`). A function of its arguments alone, so a compiled graph
-    draws them once, at trace time, as constants (a generator cannot live inside a captured graph)."""
+    of the seeding, then `q` sketch signs (none when `q == 0`), then for seeding in `R > 0` rounds the logs of
+    `[R,L,N]` Exp(1) draws (else None). A function of its arguments alone, so a compiled graph draws them once, at
+    trace time, as constants (a generator cannot live inside a captured graph)."""
     g = torch.Generator(device=device); g.manual_seed(seed)
     u = _uniforms(k, L, g, device, dtype)
-    return u, (_signs(q, g, device, dtype) if q else None)
+    signs = _signs(q, g, device, dtype) if q else None
+    if not R: return u, signs, None
+    e = torch.rand(R, L, N, generator=g, device=device, dtype=dtype).mul_(1 - 2**-22)
+    return u, signs, torch.log(-torch.log1p(-e))                 # log of an Exp(1) draw, finite: e < 1
 
 def _cluster_sums(X:Tensor, Xf:Tensor, a:Tensor, valid:Tensor, k:int, buf:Tensor, onehot:bool|None=None)->tuple:
     "Per-cluster sums into `buf [B*k+1, D]` (last row: scratch for padding) and counts `[B,k,1]`."
@@ -249,10 +298,11 @@ def _first_min(d:Tensor, dim:int)->Tensor:
     ar = torch.arange(n, device=d.device).view([-1 if i == (dim % d.dim()) else 1 for i in range(d.dim())])
     return torch.where(d <= m + tol, ar, n).amin(dim)
 
-def _check_kmeans_args(x, k, iters, seed, mask, tol, n_trials, init_dim):
+def _check_kmeans_args(x, k, iters, seed, mask, tol, n_trials, init_dim, seed_rounds=None):
     xb, mb, single = _check_points(x, mask)
     _check_int(k, 'k', 1); _check_int(iters, 'iters', 0); _check_int(seed, 'seed', 0)
     if n_trials is not None: _check_int(n_trials, 'n_trials', 1)
+    if seed_rounds is not None: _check_int(seed_rounds, 'seed_rounds', 1)
     if init_dim is not None: _check_int(init_dim, 'init_dim', 1)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
         raise ValueError(f"`tol` must be a finite number >= 0, got {tol!r}")
@@ -261,16 +311,18 @@ def _check_kmeans_args(x, k, iters, seed, mask, tol, n_trials, init_dim):
         raise ValueError(f"`k`={k} is larger than the number of valid points ({nv}{'' if single else ' in the smallest image'})")
     return xb, mb, single
 
-def _lloyd(X:Tensor, xn:Tensor, mb:Tensor, k:int, iters:int, seed:int, tol:float, n_trials, init_dim)->tuple:
+def _lloyd(X:Tensor, xn:Tensor, mb:Tensor, k:int, iters:int, seed:int, tol:float, n_trials, init_dim,
+           seed_rounds:int|None=None)->tuple:
     "k-means on validated `X [B,N,D]`: centres `[B,k,D]`, assignments `[B,N]`, and `|c|^2 - 2 c.x` `[B,k,N]` for them."
     B, N, D = X.shape
     sf = sync_free(X.device)
     L, sk = n_trials or 2 + int(math.log(k)), init_dim is not None and D > init_dim
-    u, signs = _seed_draws(seed, k, L, -(-D // init_dim) if sk else 0, str(X.device), X.dtype)   # shared by all images
-    if sk:
-        Y = _sketch(X, init_dim, None, signs)
-        C = _gather_rows(X, _kmeanspp(Y, _sq_norms(Y, check=False), mb, u))   # X is checked: no second sync
-    else: C = _gather_rows(X, _kmeanspp(X, xn, mb, u))
+    sizes = round_sizes(k, seed_rounds)
+    R = len(sizes) if len(sizes) < k - 1 else 0                     # 0: one seed per step, the classic loop
+    u, signs, logE = _seed_draws(seed, k, L, -(-D // init_dim) if sk else 0, str(X.device), X.dtype, R, N if R else 0)
+    Y, yn = (_sketch(X, init_dim, None, signs), None) if sk else (X, xn)   # shared draws: every image alike
+    if yn is None: yn = _sq_norms(Y, check=False)                  # X is checked: no second sync
+    C = _gather_rows(X, _kmeanspp_rounds(Y, yn, mb, u, logE, sizes) if R else _kmeanspp(Y, yn, mb, u))
     if tol > 0:
         nvf = mb.sum(1).to(X.dtype)
         mu = _bmm(mb.to(X.dtype).unsqueeze(1), X).squeeze(1) / nvf.unsqueeze(1)
@@ -313,15 +365,16 @@ def kmeans(
     tol:float=1e-4,           # stop when centres move (total squared shift) <= tol * mean feature variance
     n_trials:int|None=None,   # candidates per seeding step (greedy k-means++); None: 2 + floor(ln k), as sklearn
     init_dim:int|None=256,    # seed on a sketch of this width when D > init_dim; None: always exact
+    seed_rounds:int|None=None,# seed in this many sequential rounds (several seeds per round); None: one per step
 )->tuple:                     # (centres [.,k,D] in x.dtype, assign [.,N] LongTensor, -1 for padding)
     "Batched k-means (Lloyd, greedy k-means++ seeding), deterministic for a seed."
-    xb, mb, single = _check_kmeans_args(x, k, iters, seed, mask, tol, n_trials, init_dim)
+    xb, mb, single = _check_kmeans_args(x, k, iters, seed, mask, tol, n_trials, init_dim, seed_rounds)
     X = xb.to(_work_dtype(xb)).contiguous()   # one layout for every caller: BLAS rounds by layout too
-    C, a, _ = _lloyd(X, _sq_norms(X), mb, k, iters, seed, tol, n_trials, init_dim)
+    C, a, _ = _lloyd(X, _sq_norms(X), mb, k, iters, seed, tol, n_trials, init_dim, seed_rounds)
     C = C.to(x.dtype)
     return (C[0], a[0]) if single else (C, a)
 
-# %% ../nbs/02_diversity.ipynb #578ab514
+# %% ../nbs/02_diversity.ipynb #f5d11ef8
 def kmeans_inertia(
     x:Tensor,              # [N,D] or [B,N,D] points
     centres:Tensor,        # [k,D] or [B,k,D]
@@ -342,23 +395,22 @@ def kmeans_inertia(
     r = ((X - _gather_rows(Cb.to(X.dtype), ab.clamp_min(0))).square().sum(-1) * ok).sum(1)
     return r[0] if single else r
 
-# %% ../nbs/02_diversity.ipynb #132eb2f5
+# %% ../nbs/02_diversity.ipynb #b489f43c
 def _unique_nearest(d:Tensor)->Tensor:
     """For each row of `d [B,k,N]` (inf = unavailable, k <= finite columns) a distinct column: greedy by increasing
     `(d, row, column)`. Overwrites `d`."""
     B, k, N = d.shape
     out = d.argmin(-1)
     if k == 1: return out
-    fixed = torch.compiler.is_compiling()                       # traced: k rounds (each takes >= 1 pair), no early exit
-    if not fixed:
-        s = out.sort(1).values
-        if not bool((s[:, 1:] == s[:, :-1]).any()): return out  # every row's nearest column is its own
+    if torch.compiler.is_compiling(): return _greedy_pairs(d)    # traced: no data-dependent loop
+    s = out.sort(1).values
+    if not bool((s[:, 1:] == s[:, :-1]).any()): return out      # every row's nearest column is its own
     # Greedy matching in rounds: a pair (c, t) where t is c's nearest free column and c is t's nearest open row
     # is one the one-pair-at-a-time greedy takes too (ties: lower index first, as argmin does); take all such
     # pairs at once, close their rows and columns, repeat (usually a few rounds, not k).
     ck = torch.arange(k, device=d.device)
     open_ = torch.ones(B, k, dtype=torch.bool, device=d.device)
-    for _ in (range(k) if fixed else iter(lambda: bool(open_.any()), False)):
+    for _ in iter(lambda: bool(open_.any()), False):
         row = d.argmin(-1)                                       # [B,k] nearest free column of each row
         take = (d.argmin(1).gather(1, row) == ck) & open_          # ... whose nearest open row it is
         out = torch.where(take, row, out)
@@ -368,7 +420,23 @@ def _unique_nearest(d:Tensor)->Tensor:
         d.masked_fill_(used[:, :N].unsqueeze(1), math.inf)
     return out
 
-# %% ../nbs/02_diversity.ipynb #79bbbb12
+def _greedy_pairs(d:Tensor)->Tensor:
+    """`_unique_nearest` as the one-pair-at-a-time greedy itself, for a traced graph: `k` steps of a fixed handful of
+    ops (the smallest remaining `(d, row, column)` pair in row-major order, then its row and column closed) instead
+    of `k` worst-case rounds of the round-based matching, which would each cost twice as many. Overwrites `d`."""
+    B, k, N = d.shape
+    d = d.contiguous()
+    flat = d.view(B, k * N)
+    out = torch.empty(B, k, dtype=torch.long, device=d.device)
+    for _ in range(k):
+        j = flat.argmin(1, keepdim=True)                         # ties: the lower row, then the lower column
+        r, c = j // N, j % N
+        out.scatter_(1, r, c)
+        d.scatter_(1, r.unsqueeze(-1).expand(B, 1, N), math.inf)  # close the row
+        d.scatter_(2, c.unsqueeze(-1).expand(B, k, 1), math.inf)  # and the column
+    return out
+
+# %% ../nbs/02_diversity.ipynb #1539e858
 @torch.no_grad()
 def nearest_to_centres(
     x:Tensor,               # [N,D] or [B,N,D] tokens
@@ -410,23 +478,24 @@ def kmeans_nearest(
     tol:float=1e-4,
     n_trials:int|None=None,
     init_dim:int|None=256,
+    seed_rounds:int|None=None,
 )->Tensor:                    # [k] or [B,k] LongTensor: a distinct valid token per cluster, in centre order
     "`nearest_to_centres(x, kmeans(x, k, ...)[0], mask)` in one go, reusing k-means' last distance matrix."
-    xb, mb, single = _check_kmeans_args(x, k, iters, seed, mask, tol, n_trials, init_dim)
-    out = _kmeans_nearest(xb, k, iters, seed, mb, tol, n_trials, init_dim)
+    xb, mb, single = _check_kmeans_args(x, k, iters, seed, mask, tol, n_trials, init_dim, seed_rounds)
+    out = _kmeans_nearest(xb, k, iters, seed, mb, tol, n_trials, init_dim, seed_rounds=seed_rounds)
     return out[0] if single else out
 
 def _kmeans_nearest(xb:Tensor, k:int, iters:int=10, seed:int=0, mb:Tensor=None, tol:float=1e-4, n_trials=None,
-                    init_dim=256, check:bool=True)->Tensor:
+                    init_dim=256, check:bool=True, seed_rounds:int|None=None)->Tensor:
     """`kmeans_nearest` on `xb [B,N,D]` with arguments already validated (`mb`: None = every token valid); `check=False`
     also skips the finiteness check, for features of a validated TokenSet (the policies): no host sync."""
     X = xb.to(_work_dtype(xb)).contiguous()   # one layout for every caller: BLAS rounds by layout too
     if mb is None: mb = torch.ones(X.shape[:2], dtype=torch.bool, device=X.device)
     xn = _sq_norms(X, check=check)
-    _, _, d = _lloyd(X, xn, mb, k, iters, seed, tol, n_trials, init_dim)
+    _, _, d = _lloyd(X, xn, mb, k, iters, seed, tol, n_trials, init_dim, seed_rounds)
     return _nearest_from(d, xn, mb, X)
 
-# %% ../nbs/02_diversity.ipynb #ff6325c4
+# %% ../nbs/02_diversity.ipynb #739bc70c
 def _check_selected(selected, single:bool, B:int, N:int, mb:Tensor, device)->Tensor|None:
     "Validate `selected` (`[s]` / `[B,s]` LongTensor, -1 = none) and return it batched, or None when empty."
     if selected is None: return None

@@ -311,13 +311,14 @@ def _unit(x:Tensor, normalize:bool)->Tensor:
 class KMeansPrune(Policy):
     "k-means with k = budget over all tokens; keep the token nearest each centre."
     name = 'kmeans'
-    def __init__(self, keep, seed:int=0, iters:int=10, normalize:bool=True, n_trials:int|None=1, merge_pruned:bool=False):
+    def __init__(self, keep, seed:int=0, iters:int=10, normalize:bool=True, n_trials:int|None=1, seed_rounds:int|None=16,
+                 merge_pruned:bool=False):
         super().__init__(keep, merge_pruned)
         self.seed, self.iters, self.normalize = _check_seed(seed), _check_iters(iters), _check_bool(normalize, 'normalize')
-        self.n_trials = _check_trials(n_trials)
+        self.n_trials, self.seed_rounds = _check_trials(n_trials), _check_rounds(seed_rounds)
     def _select(self, ts, k):
         return _kmeans_nearest(_unit(ts.feats, self.normalize), k, iters=self.iters, seed=self.seed, n_trials=self.n_trials,
-                               check=False)   # a validated TokenSet: no argument checks, no host sync
+                               check=False, seed_rounds=self.seed_rounds)   # a validated TokenSet: no checks, no host sync
 
 class DivPrune(Policy):
     "Greedy max-min diversity selection (DivPrune)."
@@ -327,6 +328,7 @@ class DivPrune(Policy):
     def _select(self, ts, k): return _maxmin(ts.feats.float(), k, metric=self.metric, check=False)
 
 def _check_iters(iters)->int: return _check_int(iters, 'iters', 1)
+def _check_rounds(r)->int|None: return None if r is None else _check_int(r, 'seed_rounds', 1, what=' or None')
 
 # %% ../nbs/03_policies.ipynb #500d7f40
 def dpp_greedy_map(
@@ -393,6 +395,7 @@ class ZSPAPrune(Policy):
                  seed:int=0,                 # k-means++ seed
                  iters:int=10,               # k-means iterations
                  n_trials:int|None=1,        # k-means++ candidates per seed: 1 = classic k-means++; None = sklearn's greedy 2+ln(k)
+                 seed_rounds:int|None=16,    # k-means++ seeds drawn in this many rounds (None: one seed per step)
                  reduce:str='mean',          # prompt pooling for relevance: "mean" (paper) or "max"
                  normalize:bool=True,        # cluster L2-normalised features (cosine geometry)
                  merge_pruned:bool=False):   # average each dropped token into its most similar kept token
@@ -400,7 +403,7 @@ class ZSPAPrune(Policy):
         self.relevance_frac = check_alpha(relevance_frac, 'relevance_frac')
         self.diversity = _check_choice(diversity, 'diversity', ('kmeans', 'maxmin'))
         self.seed, self.iters, self.normalize = _check_seed(seed), _check_iters(iters), _check_bool(normalize, 'normalize')
-        self.n_trials = _check_trials(n_trials)
+        self.n_trials, self.seed_rounds = _check_trials(n_trials), _check_rounds(seed_rounds)
         self.reduce = _check_choice(reduce, 'reduce', ('mean', 'max'))
     @property
     def needs(self)->frozenset:
@@ -426,7 +429,8 @@ class ZSPAPrune(Policy):
             if n_core:
                 rest = torch.ones(B, N, dtype=torch.bool, device=ts.device)
                 rest[torch.arange(B, device=ts.device)[:, None], core] = False
-            div = _kmeans_nearest(x, n_div, iters=self.iters, seed=self.seed, mb=rest, n_trials=self.n_trials, check=False)
+            div = _kmeans_nearest(x, n_div, iters=self.iters, seed=self.seed, mb=rest, n_trials=self.n_trials, check=False,
+                                  seed_rounds=self.seed_rounds)
         return torch.cat([core, div], -1)
 
 # %% ../nbs/03_policies.ipynb #b3b629b0

@@ -37,6 +37,7 @@ class ImageTokens:
     kind: str = "image"             # which visual input it came from: a key of `Adapter.visual_inputs()` ("image", "video")
     vision_feats: Tensor|None = None  # [N,Dv] pre-projector features of the prunable tokens (merging policies)
     keys: Tensor|None = None        # [N,Dk] head-averaged keys of the saliency layer (VisionZip's metric)
+    tiles: Tensor|None = None       # [N] long: the tile (crop) of each prunable token, for per-tile methods (LLaVA-NeXT)
 
     @property
     def candidates(self)->Tensor:
@@ -319,11 +320,23 @@ class Adapter:
 
     def check_policy(self, policy)->frozenset:
         "Raise a clear error, before any compute, if this adapter cannot serve `policy`'s needs; returns them."
+        clip = policy_needs(policy) & {"clip_feats", "clip_text"}
+        if clip and not self.clip_tower():
+            raise ValueError(f"`policy`: {type(policy).__name__} needs CLIP inputs ({', '.join(sorted(clip))}), but "
+                             f"{type(self.model).__name__}'s vision tower is not a CLIP model (no CLIP-space patch embeddings, "
+                             "whatever `clip` was given); use a policy that needs only the prompt and/or saliency, e.g. "
+                             "ZSPAPrune, or ATP(keep, relevance='prompt')")
         needs = check_policy_inputs(policy, clip=self.clip, clip_tokenizer=self.clip_tokenizer, tokenizer=self.tokenizer)
         if needs & {"vision_feats", "keys"} and not self.merge_features:
             raise ValueError(f"`policy`: {type(policy).__name__} merges pre-projector features, which "
                              f"{type(self).__name__} does not provide yet (families that do: set `merge_features`)")
         return needs
+
+    def clip_tower(self)->bool:
+        "Whether the vision tower is a CLIP model (CLIP-space patch embeddings for ATP's term): the registry's `clip_tower`."
+        from tokprune_nb.registry import family_of
+        try: return family_of(self.model).clip_tower
+        except TypeError: return True                       # an unregistered model: the caller's `clip` decides
 
     def wanted(self, policy)->frozenset:
         """The optional evidence (`policy.wants`) this adapter provides besides the needs: pre-projector features and keys
@@ -374,7 +387,8 @@ class Adapter:
         packed = im.packed.clone()
         cand = kept if im.cand is None else im.cand.to(kept.device)[kept]
         packed[cand[merged.to(kept.device)].to(packed.device)] = new.to(packed.dtype)
-        return ImageTokens(packed, im.cand, im.grid, im.saliency, im.clip_feats, im.extra, im.kind, im.vision_feats, im.keys)
+        return ImageTokens(packed, im.cand, im.grid, im.saliency, im.clip_feats, im.extra, im.kind, im.vision_feats, im.keys,
+                           im.tiles)
 
     def finish(self, kwargs:dict, short:dict, ids:Tensor, am:Tensor, keep:Tensor, for_generate:bool)->list:
         "Last touches on the LLM call's `kwargs` from the shortened per-token tensors `short`; returns contexts."
@@ -389,6 +403,8 @@ class Adapter:
         needs = self.check_policy(policy)
         inputs = dict(inputs); am = inputs.get("attention_mask")
         kinds = {kind: tid for kind, (tid, key) in vis.items() if len(vis) == 1 or inputs.get(key) is not None}
+        from tokprune_nb.temporal import check_video_only
+        check_video_only(policy, kinds)                        # a video-only policy on still images: refused before any compute
         is_vis = {kind: ids == tid for kind, tid in kinds.items()}       # [B,L] placeholders of each kind present
         for kind, m in is_vis.items():
             if not bool(m.any()): raise ValueError(f"no {kind} in the inputs: `input_ids` holds no {kind} token (id {kinds[kind]})")
@@ -424,7 +440,8 @@ class Adapter:
                                 clip_feats=None if im.clip_feats is None else im.clip_feats.detach().float(),
                                 clip_text=None if clip_text is None else clip_text[r].to(im.packed.device),
                                 vision_feats=None if im.vision_feats is None else im.vision_feats.detach().float(),
-                                keys=None if im.keys is None else im.keys.detach().float()))
+                                keys=None if im.keys is None else im.keys.detach().float(),
+                                tiles=None if im.tiles is None else im.tiles.to(im.packed.device)))
         merged = []
         selection = run_policy(policy, tss, merged)
         imgs = [self._apply_merge(im, kept, m) for im, kept, m in zip(imgs, selection, merged)]

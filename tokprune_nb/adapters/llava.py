@@ -133,7 +133,7 @@ class LlavaAdapter(Adapter):
                                     saliency=None if sal is None else sal[src.to(sal.device)],
                                     clip_feats=None if cf is None else cf[src.to(cf.device)],
                                     vision_feats=None if vf is None else vf[src.to(vf.device)],
-                                    keys=None if ky is None else ky[src.to(ky.device)]))
+                                    keys=None if ky is None else ky[src.to(ky.device)], tiles=extra.get("tile")))
         return imgs
 
     merge_features = True

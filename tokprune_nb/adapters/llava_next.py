@@ -9,7 +9,7 @@ from torch import Tensor
 from .base import ImageTokens
 from .llava import LlavaAdapter, LLAVA_PARTS, _clip_l336, _vicuna_7b
 from ..registry import register_adapter, Published
-from ..testing.tiny import tiny_llava_next, tiny_inputs, llava_offline
+from ..testing.tiny import tiny_llava_next, mid_llava_next, tiny_inputs, llava_offline
 
 # %% auto #0
 __all__ = ['NEXT_PINPOINTS', 'llava_next_7b_config', 'LlavaNextAdapter']
@@ -26,7 +26,7 @@ def llava_next_7b_config():
                            image_seq_length=576)
 
 @register_adapter("LlavaNextForConditionalGeneration", name="llava-next", tiny=tiny_llava_next, inputs=tiny_inputs,
-                  offline=llava_offline, flop_parts=LLAVA_PARTS, clip_tower=True,
+                  mid=mid_llava_next, mid_image_size=672, offline=llava_offline, flop_parts=LLAVA_PARTS, clip_tower=True,
                   published={"llava-next-7b": Published(llava_next_7b_config, 672, 2880, 48, "llava-hf/llava-v1.6-vicuna-7b-hf")},
                   doc="CLIP ViT-L/14-336, anyres tiles + newlines · CLS attention per tile · CLIP term · 1-D positions · images")
 class LlavaNextAdapter(LlavaAdapter):
@@ -62,7 +62,8 @@ class LlavaNextAdapter(LlavaAdapter):
             cand = torch.nonzero(~is_nl).flatten(); src = mp[cand].long()
             row = (torch.cumsum(is_nl.long(), 0) - is_nl.long())[cand]       # newlines before each token
             if n > 1: row = torch.where(src < (off + 1) * ntok, torch.full_like(row, -1), row)   # base image: no row
-            out.append((cand, src, None, {"row": row, "newline": torch.nonzero(is_nl).flatten()}))
+            out.append((cand, src, None, {"row": row, "newline": torch.nonzero(is_nl).flatten(),
+                                          "tile": src // ntok - off}))                       # 0 = the base view
             off += n
         return out
 

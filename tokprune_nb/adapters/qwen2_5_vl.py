@@ -8,7 +8,7 @@ import contextlib
 import torch
 from torch import Tensor
 from ..scoring import cls_attention_scores
-from .base import Adapter, ImageTokens, policy_needs
+from .base import Adapter, ImageTokens
 from ..registry import register_adapter, Published
 from ..testing.tiny import tiny_qwen2_5_vl, mid_qwen2_5_vl, tiny_qwen_inputs, qwen_offline
 
@@ -165,15 +165,6 @@ class Qwen2_5_VLAdapter(Adapter):
     def special_token_ids(self):
         cfg = self.model.config
         return (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
-
-    def check_policy(self, policy)->frozenset:
-        "Qwen2.5-VL's tower is not a CLIP model: refuse policies that need CLIP inputs, whatever `clip` was given."
-        needs = policy_needs(policy)
-        if needs & {"clip_feats", "clip_text"}:
-            raise ValueError(f"`policy`: {type(policy).__name__} needs CLIP inputs ({', '.join(sorted(needs & {'clip_feats', 'clip_text'}))}), "
-                             f"but {type(self.model).__name__} has no CLIP-space patch embeddings (its vision tower is not a CLIP model); "
-                             "use a policy that needs only prompt and/or saliency, e.g. ATP(keep, relevance='prompt')")
-        return super().check_policy(policy)                   # the template's checks (saliency layer, merging support)
 
     def check_family_inputs(self, inputs):
         if inputs.get("position_ids") is not None:

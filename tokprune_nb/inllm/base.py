@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['RULES', 'SCORING', 'IDENTITY_SHORTCUT', 'Stage', 'Scoring', 'top_image_tokens', 'InLLMPolicy', 'check_stages',
-           'tally', 'layer_qk', 'layer_keys', 'layer_queries', 'query_attention', 'last_token_attention', 'text_model',
-           'InsideRunner']
+__all__ = ['RULES', 'SCORING', 'IDENTITY_SHORTCUT', 'REUSE_PROJECTIONS', 'Stage', 'Scoring', 'top_image_tokens', 'InLLMPolicy',
+           'check_stages', 'tally', 'layer_qk', 'layer_keys', 'layer_queries', 'query_attention',
+           'last_token_attention', 'text_model', 'InsideRunner']
 
 # %% ../../nbs/inllm/base.ipynb #0a33b4e2
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class Scoring:
     output:Tensor = None       # [B,L,D] its output (rules read at "output")
     queries:Tensor = None      # [B,L] bool: the policy's query tokens (`InLLMPolicy.prepare`), carried to this layout
     norm:object = None         # the decoder stack's final norm
+    proj:dict = None           # {"q": [B,L,H·dh], "k": [B,L,Hkv·dh]}: the scorer layer's own q/k projections of `hidden`,
+                               # captured from its forward (`REUSE_PROJECTIONS`), or None: recompute them
 
 def top_image_tokens(scores:Tensor, image:Tensor, valid:Tensor, stage:Stage)->list:
     "Per sample: the columns of its `stage.count(n)` best-scored image tokens, sorted (ties: the earliest token)."
@@ -67,7 +69,7 @@ class InLLMPolicy:
     def prepare(self, hidden:Tensor, image:Tensor, valid:Tensor): return None
     def select(self, x:Scoring)->list:
         if x.stage.rule != "last": raise NotImplementedError(f"{type(self).__name__} does not implement rule {x.stage.rule!r}")
-        with torch.no_grad(): scores = last_token_attention(x.layer, x.hidden, x.position_embeddings, x.valid)
+        with torch.no_grad(): scores = last_token_attention(x.layer, x.hidden, x.position_embeddings, x.valid, x.proj)
         return top_image_tokens(scores, x.image, x.valid, x.stage)
     def _args(self)->dict: return {}
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._args().items())})"
@@ -124,23 +126,31 @@ def _rope_one(layer, t:Tensor, cos:Tensor, sin:Tensor)->Tensor:
     rope = sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
     return rope(t, t, cos, sin)[0]
 
-def layer_keys(layer, hidden:Tensor, position_embeddings:tuple)->Tensor:
-    "Rotated keys `[B,Hkv,L,dh]` the decoder `layer` computes for its input `hidden` `[B,L,D]` (what it caches)."
+def layer_keys(layer, hidden:Tensor, position_embeddings:tuple, proj:dict=None)->Tensor:
+    """Rotated keys `[B,Hkv,L,dh]` the decoder `layer` computes for its input `hidden` `[B,L,D]` (what it caches);
+    from its own `k_proj` output `proj["k"]` when the layer's forward already computed it (no projection here)."""
     attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    B, L, _ = x.shape
-    tally(B * L * attn.k_proj.in_features * attn.k_proj.out_features)
-    k = attn.k_proj(x).view(B, L, -1, attn.head_dim)
+    if proj is not None and "k" in proj: k = proj["k"]
+    else:
+        x = layer.input_layernorm(hidden)
+        B, L, _ = x.shape
+        tally(B * L * attn.k_proj.in_features * attn.k_proj.out_features)
+        k = attn.k_proj(x)
+    k = k.view(*k.shape[:2], -1, attn.head_dim)
     if hasattr(attn, "k_norm"): k = attn.k_norm(k)
     return _rope_one(layer, k.transpose(1, 2), *position_embeddings)
 
-def layer_queries(layer, hidden:Tensor, position_embeddings:tuple, rows:Tensor)->Tensor:
-    "Rotated queries `[B,H,R,dh]` of the decoder `layer` at the columns `rows` `[B,R]` only (a scorer needs a few rows)."
+def layer_queries(layer, hidden:Tensor, position_embeddings:tuple, rows:Tensor, proj:dict=None)->Tensor:
+    """Rotated queries `[B,H,R,dh]` of the decoder `layer` at the columns `rows` `[B,R]` only (a scorer needs a few rows);
+    from its own `q_proj` output `proj["q"]` when given."""
     attn = layer.self_attn
     B, R = rows.shape
-    x = _gather_rows(layer.input_layernorm(hidden), rows, 1)
-    tally(B * R * attn.q_proj.in_features * attn.q_proj.out_features)
-    q = attn.q_proj(x).view(B, R, -1, attn.head_dim)
+    if proj is not None and "q" in proj: q = _gather_rows(proj["q"], rows, 1)
+    else:
+        x = _gather_rows(layer.input_layernorm(hidden), rows, 1)
+        tally(B * R * attn.q_proj.in_features * attn.q_proj.out_features)
+        q = attn.q_proj(x)
+    q = q.view(B, R, -1, attn.head_dim)
     if hasattr(attn, "q_norm"): q = attn.q_norm(q)
     cos, sin = (_gather_rows(t, rows, t.dim() - 2) for t in position_embeddings)
     return _rope_one(layer, q.transpose(1, 2), cos, sin)
@@ -151,9 +161,10 @@ def query_attention(
     position_embeddings:tuple, # (cos, sin) it receives
     valid:Tensor,              # [B,L] bool: real (non-padding) tokens
     queries:Tensor,            # [B,L] bool: the query rows (each sees the real keys up to itself)
+    proj:dict=None,            # the layer's own q/k projections of `hidden` (`Scoring.proj`), or None: recompute
 )->Tensor:                     # [B,L] float32: attention weights averaged over heads and over each sample's queries
     "Head- and query-averaged attention weights of chosen query tokens (causal softmax per row, float32)."
-    k = layer_keys(layer, hidden, position_embeddings)
+    k = layer_keys(layer, hidden, position_embeddings, proj)
     B, L = hidden.shape[:2]
     H, dh = layer.self_attn.q_proj.out_features // layer.self_attn.head_dim, layer.self_attn.head_dim
     k = k.repeat_interleave(H // k.shape[1], dim=1).float()
@@ -163,7 +174,8 @@ def query_attention(
     for b in range(B):
         rows = torch.nonzero(queries[b] & valid[b]).flatten()
         if rows.numel() == 0: continue
-        q = layer_queries(layer, hidden[b:b + 1], tuple(t[b:b + 1] if t.shape[0] == B else t for t in position_embeddings), rows[None])[0]
+        pb = None if proj is None else {n: v[b:b + 1] for n, v in proj.items()}
+        q = layer_queries(layer, hidden[b:b + 1], tuple(t[b:b + 1] if t.shape[0] == B else t for t in position_embeddings), rows[None], pb)[0]
         logits = torch.einsum("hqd,hld->hql", q.float(), k[b]) * scale
         tally(H * rows.numel() * L * dh)
         seen = valid[b][None] & (cols[None] <= rows[:, None])                  # [Q,L]
@@ -175,13 +187,14 @@ def last_token_attention(
     hidden:Tensor,             # [B,L,D] its input
     position_embeddings:tuple, # (cos, sin) it receives
     valid:Tensor,              # [B,L] bool: real (non-padding) tokens
+    proj:dict=None,            # the layer's own q/k projections of `hidden` (`Scoring.proj`), or None: recompute
 )->Tensor:                     # [B,L] float32 attention of each row's last real token, averaged over heads
     "Head-averaged attention weights of each sample's last real token (softmax over the keys it sees)."
-    k = layer_keys(layer, hidden, position_embeddings)
+    k = layer_keys(layer, hidden, position_embeddings, proj)
     B, L = hidden.shape[:2]
     cols = torch.arange(L, device=hidden.device)
     last = torch.where(valid, cols, -1).amax(1)                               # [B]
-    ql = layer_queries(layer, hidden, position_embeddings, last[:, None])[:, :, 0]   # [B,H,dh]: the one row needed
+    ql = layer_queries(layer, hidden, position_embeddings, last[:, None], proj)[:, :, 0]   # [B,H,dh]: the one row needed
     H, dh = ql.shape[1], ql.shape[2]
     k = k.repeat_interleave(H // k.shape[1], dim=1)                           # GQA
     scale = getattr(layer.self_attn, "scaling", dh ** -0.5)
@@ -191,8 +204,9 @@ def last_token_attention(
     logits = logits.masked_fill(~seen[:, None], float("-inf"))
     return logits.softmax(-1).mean(1)
 
-# %% ../../nbs/inllm/base.ipynb #54f3c546
+# %% ../../nbs/inllm/base.ipynb #79dd0bd8
 IDENTITY_SHORTCUT = True   # a stage that keeps every token of every sample leaves the call untouched (bit-exact)
+REUSE_PROJECTIONS = True   # a scorer layer before its stage is scored from its own q/k projections (no second projection)
 
 def text_model(model):
     "The decoder stack (a module with `.layers` and `.rotary_emb`) of a Hugging Face VLM."
@@ -208,7 +222,7 @@ def _fmt(allowed:Tensor, like, impl:str, dtype):
     if use_bool: return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
-# %% ../../nbs/inllm/base.ipynb #54b180df
+# %% ../../nbs/inllm/base.ipynb #c2dd17cf
 class _Layout:
     "One stage's shortened layout: `index` [B,S] (column of the previous layout, -1 = padding), validity, and the layer inputs."
     def __init__(self, index, valid, image, src_len):
@@ -235,6 +249,10 @@ class InsideRunner:
                              f"{sorted(types - {'full_attention'}) or 'layers without self_attn'} (recurrent state, not a per-token cache)")
         self.impl, self.handles, self.state = impl, [], None
         self.wants_input = type(policy).prepare is not InLLMPolicy.prepare
+        # scorer layers that run on the very layout their stage prunes (before the stage's layer): their forward
+        # computes the q/k the scoring needs, so the scoring reads them (captured) after the layer instead of
+        # projecting the sequence a second time
+        self.reuse = {s.scorer for s in self.stages if s.scorer < s.layer} if REUSE_PROJECTIONS else set()
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
     def install(self):
@@ -242,10 +260,21 @@ class InsideRunner:
         try:
             for l in range(first, len(self.text.layers)):
                 self.handles.append(self.text.layers[l].register_forward_pre_hook(self._hook(l), with_kwargs=True))
-            for l in sorted({s.scorer for s in self.stages if RULES[s.rule] == "output"}):
+            for l in sorted({s.scorer for s in self.stages if RULES[s.rule] == "output"} | self.reuse):
                 self.handles.append(self.text.layers[l].register_forward_hook(self._post_hook(l), with_kwargs=True))
+            for l in sorted(self.reuse):
+                attn = self.text.layers[l].self_attn
+                for name in ("q", "k"):
+                    self.handles.append(getattr(attn, f"{name}_proj").register_forward_hook(self._capture(l, name)))
         except BaseException: self.remove(); raise
         return self
+
+    def _capture(self, l:int, name:str):
+        "Keeps the scorer layer's own `q_proj`/`k_proj` output while its prompt call is armed for scoring."
+        def hook(mod, args, output):
+            st = self.state
+            if st is not None and st.get("armed") == l: st["proj"][name] = output
+        return hook
 
     def remove(self):
         for h in self.handles: h.remove()
@@ -322,7 +351,9 @@ class InsideRunner:
                     image, valid, _ = self._current(-1, hs.shape[1])
                     with torch.no_grad(): st["queries"] = self.policy.prepare(hs, image, valid)
                 for j, s in enumerate(self.stages):      # scoring for a stage whose selection is still open
-                    if s.scorer == l and RULES[s.rule] == "input" and st["kept"][j] is None:
+                    if s.scorer == l and st["kept"][j] is None and l in self.reuse:
+                        st["armed"], st["proj"] = l, {}  # scored after the layer, from the q/k its forward computes
+                    elif s.scorer == l and RULES[s.rule] == "input" and st["kept"][j] is None:
                         if j and self.stages[j - 1].layer == l: self._apply(j - 1, hs, kwargs)   # the layout it scores
                         self._score(j, mod, hs, kwargs, l)
                 if i < 0: return None
@@ -344,9 +375,11 @@ class InsideRunner:
             if st is None or mod is not self.text.layers[l]: return None
             hs = args[0] if args else kwargs["hidden_states"]
             out = output[0] if isinstance(output, tuple) else output
+            armed = st.get("armed") == l                       # a prompt call whose q/k were captured for scoring
             for j, s in enumerate(self.stages):
-                if s.scorer == l and RULES[s.rule] == "output" and st["kept"][j] is None:
-                    self._score(j, mod, hs, kwargs, l, out)
+                if s.scorer == l and st["kept"][j] is None and (RULES[s.rule] == "output" or armed):
+                    self._score(j, mod, hs, kwargs, l, out, st["proj"] if armed else None)
+            if armed: st["armed"], st["proj"] = None, None
             return None
         return hook
 
@@ -359,7 +392,7 @@ class InsideRunner:
                 mask = torch.gather(mask, 1, lay.index.clamp(min=0)) & lay.valid
         return mask
 
-    def _score(self, j:int, layer, hs:Tensor, kwargs:dict, l:int, out:Tensor=None):
+    def _score(self, j:int, layer, hs:Tensor, kwargs:dict, l:int, out:Tensor=None, proj:dict=None):
         "Run the policy's selection for stage `j` at its scorer layer `l` (`hs`: that layer's hook input)."
         st = self.state
         image, valid, prev = self._current(j - 1, hs.shape[1])
@@ -370,7 +403,7 @@ class InsideRunner:
             pe = prev.pe
         q0 = hs.shape[1] if st["layouts"][0] is None else st["layouts"][0].src_len     # length of this call's input
         queries = None if st["queries"] is None else self._carry(st["queries"], j - 1, q0)
-        x = Scoring(self.stages[j], layer, hs, pe, image, valid, out, queries, getattr(self.text, "norm", None))
+        x = Scoring(self.stages[j], layer, hs, pe, image, valid, out, queries, getattr(self.text, "norm", None), proj=proj)
         kept = self.policy.select(x)
         if len(kept) != hs.shape[0]: raise ValueError(f"{type(self.policy).__name__}.select returned {len(kept)} rows for a batch of {hs.shape[0]}")
         st["kept"][j] = [k.to(torch.long) for k in kept]

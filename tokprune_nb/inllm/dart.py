@@ -64,7 +64,7 @@ class DART(InLLMPolicy):
     def _args(self): return dict(layer=self.layer, keep=self.keep, image_pivots=self.image_pivots, text_pivots=self.text_pivots)
     def stages(self, n_layers:int=None): return [Stage(layer=self.layer, keep=self.keep, rule="pivots", score_layer=self.layer - 1)]
     def select(self, x:Scoring)->list:
-        keys = layer_keys(x.layer, x.hidden, x.position_embeddings)          # [B,Hkv,L,dh]
+        keys = layer_keys(x.layer, x.hidden, x.position_embeddings, x.proj)  # [B,Hkv,L,dh]: its own keys when captured
         keys = keys.transpose(1, 2).flatten(2)                                 # [B,L,Hkv·dh]
         hid = x.output if x.norm is None else x.norm(x.output)
         cols = torch.arange(x.image.shape[1], device=x.image.device)

@@ -71,5 +71,5 @@ class SparseVLM(InLLMPolicy):
         return out
     def prepare(self, hidden, image, valid): return text_raters(hidden, image, valid)
     def select(self, x:Scoring)->list:
-        scores = query_attention(x.layer, x.hidden, x.position_embeddings, x.valid, x.queries)
+        scores = query_attention(x.layer, x.hidden, x.position_embeddings, x.valid, x.queries, x.proj)
         return top_image_tokens(scores, x.image, x.valid, x.stage)

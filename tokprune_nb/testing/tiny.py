@@ -11,7 +11,7 @@ from .tokenizers import word_tokenizer
 
 # %% auto #0
 __all__ = ['WORDS', 'QWEN_SPECIALS', 'QWEN_WORDS', 'QWEN_TEMPLATE', 'tiny_images', 'llava_tokenizer', 'tiny_llava', 'mid_llava',
-           'tiny_llava_next', 'tiny_inputs', 'tiny_clip', 'llava_offline', 'qwen_tokenizer',
+           'tiny_llava_next', 'mid_llava_next', 'tiny_inputs', 'tiny_clip', 'llava_offline', 'qwen_tokenizer',
            'OfflineQwen2_5_VLProcessor', 'qwen_offline', 'tiny_qwen2_5_vl', 'mid_qwen2_5_vl', 'tiny_qwen_inputs']
 
 # %% ../../nbs/testing/tiny.ipynb #b56e523e
@@ -90,13 +90,19 @@ def mid_llava(seed:int=0, **overrides)->tuple:
 def tiny_llava_next(
     seed:int=0, *, vision_feature_layer=-2, vision_feature_select_strategy:str="default",
     attn_implementation:str="sdpa",
+    image_size:int=28, patch_size:int=7, vision_hidden:int=32, vision_layers:int=2,   # one tile's tower (CLIP)
+    text_hidden:int=32, text_layers:int=2, vocab_size:int=None,
+    pinpoints:list=None,             # anyres resolutions; default: 1x1, 1x2, 2x1, 2x2 tiles
 )->tuple:   # (model in eval mode, LlavaNextProcessor)
     "A random-initialised `LlavaNextForConditionalGeneration` and a matching offline `LlavaNextProcessor`."
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
     tok = llava_tokenizer()
-    pins = [[28, 28], [28, 56], [56, 28], [56, 56]]
-    cfg = LlavaNextConfig(vision_config=_vision_config(), text_config=_text_config(len(tok)),
+    s = image_size
+    pins = [list(p) for p in pinpoints] if pinpoints is not None else [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    cfg = LlavaNextConfig(vision_config=_vision_config(image_size, patch_size, vision_hidden, vision_layers,
+                                                       heads=4, inter=2 * vision_hidden),
+                          text_config=_text_config(vocab_size or len(tok), text_hidden, text_layers, inter=2 * text_hidden),
                           image_token_id=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pins,
                           vision_feature_layer=vision_feature_layer,
                           vision_feature_select_strategy=vision_feature_select_strategy)
@@ -104,11 +110,19 @@ def tiny_llava_next(
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(cfg).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
-    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
                                     image_grid_pinpoints=pins)
-    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=7, num_additional_image_tokens=1,
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=patch_size, num_additional_image_tokens=1,
                               vision_feature_select_strategy=vision_feature_select_strategy)
     return model, proc
+
+def mid_llava_next(seed:int=0, **overrides)->tuple:
+    """LLaVA-NeXT token geometry (336 px tiles of a 14 px CLIP tower, LLaVA-1.6's pinpoints: a 672² image is a base
+    view + 2×2 tiles = 2880 visual tokens + 48 newlines) with a small random LLM, for timing."""
+    kw = dict(image_size=336, patch_size=14, vision_hidden=256, vision_layers=6, text_hidden=512, text_layers=4,
+              vocab_size=32064, pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+    kw.update(overrides)
+    return tiny_llava_next(seed, **kw)
 
 def tiny_inputs(
     processor,               # from `tiny_llava` / `tiny_llava_next`
