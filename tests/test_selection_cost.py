@@ -43,12 +43,13 @@ def test_cli_cost_model_json(tmp_path):
     assert {r['arch'] for r in data['records']} == {'qwen2.5-vl-7b'} and set(COST_ARCHS) >= {'qwen2.5-vl-7b'}
 
 
-SYNC_FREE = ['divprune', 'dpp', 'zspaprune-maxmin', 'relevance', 'cls_attn', 'random', 'uniform']
+SYNC_FREE = sorted(POLICIES) + ['zspaprune-maxmin']   # every policy, k-means ones included
 
 
 @pytest.mark.parametrize('name', SYNC_FREE)
 def test_sync_free_path_has_no_host_syncs(name):
-    """On the path a GPU runs (`gpu_path()`), the greedy max-min and DPP loops and the top-k policies never sync."""
+    """On the path a GPU runs (`gpu_path()`), no policy syncs: greedy max-min and DPP, k-means (fixed Lloyd rounds,
+    the distinct-nearest matching as k fixed greedy steps) and the top-k policies."""
     from tokprune_nb.diversity import gpu_path
     from tokprune_nb.measure.selection_speed import _cost_policies
     ts = synthetic_tokenset(64, 32, n_clusters=4)

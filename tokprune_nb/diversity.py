@@ -402,7 +402,7 @@ def _unique_nearest(d:Tensor)->Tensor:
     B, k, N = d.shape
     out = d.argmin(-1)
     if k == 1: return out
-    if torch.compiler.is_compiling(): return _greedy_pairs(d)    # traced: no data-dependent loop
+    if sync_free(d.device): return _greedy_pairs(d)              # traced, or eager on a GPU: no data-dependent loop
     s = out.sort(1).values
     if not bool((s[:, 1:] == s[:, :-1]).any()): return out      # every row's nearest column is its own
     # Greedy matching in rounds: a pair (c, t) where t is c's nearest free column and c is t's nearest open row
@@ -421,9 +421,10 @@ def _unique_nearest(d:Tensor)->Tensor:
     return out
 
 def _greedy_pairs(d:Tensor)->Tensor:
-    """`_unique_nearest` as the one-pair-at-a-time greedy itself, for a traced graph: `k` steps of a fixed handful of
-    ops (the smallest remaining `(d, row, column)` pair in row-major order, then its row and column closed) instead
-    of `k` worst-case rounds of the round-based matching, which would each cost twice as many. Overwrites `d`."""
+    """`_unique_nearest` as the one-pair-at-a-time greedy itself, for the sync-free path (a traced graph, or eager on
+    a GPU): `k` steps of a fixed handful of ops (the smallest remaining `(d, row, column)` pair in row-major order,
+    then its row and column closed) instead of a data-dependent number of rounds of the round-based matching (`k`
+    when traced, each twice as many ops). Overwrites `d`."""
     B, k, N = d.shape
     d = d.contiguous()
     flat = d.view(B, k * N)
