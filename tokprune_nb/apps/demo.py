@@ -18,7 +18,7 @@ from ..toyworld import (Toy, load_toy, OraclePrune, ORACLES, make_examples, pred
 
 # %% auto #0
 __all__ = ['TOY_INSIDE', 'KEEPS', 'DEFAULT_METHODS', 'DEFAULT_N', 'llm_prefill_flops', 'method_names', 'make_policy', 'evaluate',
-           'run_demo', 'format_table', 'plot_records', 'main']
+           'run_demo', 'format_table', 'plot_records', 'grid_options', 'main']
 
 # %% ../../nbs/apps/demo.ipynb #aa782583
 def llm_prefill_flops(config, n_tokens)->int:
@@ -175,17 +175,24 @@ def plot_records(records:list, path=None):
     if path is not None: g.figure.savefig(path, dpi=120, bbox_inches="tight")
     return g.figure
 
+def grid_options(p, *, n:int, unit:str, batch_unit:str, policies_help:str, model_help:str, n_note:str=""):
+    "Add the options a method × budget grid shares (`tokprune demo`, `tokprune eval`) to the parser `p`; returns it."
+    p.add_argument("--n", type=int, default=n, help=f"held-out {unit} (default {n}{n_note})")
+    p.add_argument("--seed", type=int, default=0, help=f"picks the {unit} and seeds random / k-means policies")
+    p.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS), help="budgets, fractions in (0,1]")
+    p.add_argument("--policies", nargs="+", default=None, help=policies_help)
+    p.add_argument("--batch-size", type=int, default=35, help=f"{batch_unit} per generate call")
+    p.add_argument("--model", default=None, help=model_help)
+    return p
+
 def main(argv=None)->int:
     "`tokprune demo`: every policy at every budget on the shipped toy VLM."
     p = argparse.ArgumentParser(prog="tokprune demo", description=(
         "Evaluate every pruning policy at keep 1.0/0.5/0.25/0.11 on held-out toy-world scenes with the shipped "
         "toy LLaVA (processor -> generate, pruned via tokprune_nb.pruned)."))
-    p.add_argument("--n", type=int, default=DEFAULT_N, help=f"held-out scenes (default {DEFAULT_N}, ~3-4 min on 2 CPU cores)")
-    p.add_argument("--seed", type=int, default=0, help="picks the scenes and seeds random / k-means policies")
-    p.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS), help="budgets, fractions in (0,1]")
-    p.add_argument("--policies", nargs="+", default=None, help=f"methods (default: {' '.join(DEFAULT_METHODS)}); any of: {' '.join(method_names())}")
-    p.add_argument("--batch-size", type=int, default=35, help="scenes per generate call")
-    p.add_argument("--model", default=None, help="toy model directory (default: the shipped one)")
+    grid_options(p, n=DEFAULT_N, unit="scenes", batch_unit="scenes", n_note=", ~3-4 min on 2 CPU cores",
+                 policies_help=f"methods (default: {' '.join(DEFAULT_METHODS)}); any of: {' '.join(method_names())}",
+                 model_help="toy model directory (default: the shipped one)")
     p.add_argument("--json", default=None, help="write {seed, n, records} to this path")
     p.add_argument("--plot", default=None, help="write the accuracy-vs-tokens figure to this path")
     p.add_argument("--no-progress", action="store_true")

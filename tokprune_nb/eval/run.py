@@ -10,7 +10,7 @@ import torch
 from .lmms import TokPrune, build_methods, find_method, method_tables, HAVE_LMMS_EVAL
 from .toy_tasks import write_toy_tasks, TASK, DEFAULT_N
 from ..toyworld import assets_dir, git_commit, QUESTION_TYPES, FAMILIES as QUESTION_FAMILIES
-from ..apps.demo import KEEPS, format_table, plot_records
+from ..apps.demo import KEEPS, format_table, plot_records, grid_options
 
 # %% auto #0
 __all__ = ['grid_methods', 'toy_record', 'run_eval', 'main']
@@ -97,12 +97,9 @@ def main(argv=None)->int:
         "tokprune_toy task); writes tokprune demo's JSON records and plot. Needs the eval extra (make eval-venv). "
         "For real benchmarks call lmms-eval itself: lmms-eval --model tokprune --model_args "
         "pretrained=PATH,policy=zspaprune,keep=0.111 --tasks gqa,pope"))
-    p.add_argument("--n", type=int, default=DEFAULT_N, help=f"held-out questions (default {DEFAULT_N})")
-    p.add_argument("--seed", type=int, default=0, help="picks the questions and seeds random / k-means policies")
-    p.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS), help="budgets, fractions in (0,1]")
-    p.add_argument("--policies", nargs="+", default=None, help=f"method names (default: {' '.join(method_tables()['policy'])})")
-    p.add_argument("--batch-size", type=int, default=35, help="requests per generate call")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped toy LLaVA)")
+    grid_options(p, n=DEFAULT_N, unit="questions", batch_unit="requests",
+                 policies_help=f"method names (default: {' '.join(method_tables()['policy'])})",
+                 model_help="checkpoint directory (default: the shipped toy LLaVA)")
     p.add_argument("--clip", default=None, help="CLIP directory for ATP (default with the toy model: the toy CLIP)")
     p.add_argument("--tasks-dir", default=None, help="write the toy tasks here (default: a temporary directory)")
     p.add_argument("--json", default=None, help="write {seed, n, records} to this path")
