@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokprune_nb.inject import pruned, last_selection
+from tokprune_nb.testing.tiny import Recorder
 from tokprune_nb.policies import RandomPrune, ClsAttnPrune, UniformPrune
 from tokprune_nb.testing.tiny_gemma import tiny_gemma3
 from tokprune_nb.testing.tiny_smolvlm import tiny_smolvlm
@@ -52,11 +53,9 @@ def test_gemma3_image_blocks_are_the_original_ones_restricted(gemma, side, polic
 def test_gemma3_saliency_is_attention_received_pooled_4x4(gemma):
     model, proc = gemma
     x = chat_inputs(proc, PROMPTS[:1], sizes=[56])
-    seen = []
-    def spy(ts):
-        seen.append(ts.saliency.clone()); return UniformPrune(keep=0.5)(ts)
-    spy.budget, spy.needs, spy.saliency_layer = UniformPrune(keep=0.5).budget, frozenset({"saliency"}), -1
-    with pruned(model, spy), torch.no_grad(): model(**x)
+    rec = Recorder(ClsAttnPrune(keep=0.5, saliency_layer=-1))     # needs the saliency of the last layer
+    with pruned(model, rec), torch.no_grad(): model(**x)
+    seen = [ts.saliency for ts in rec.calls]
     tower = model.model.vision_tower
     old = tower.config._attn_implementation; tower.config._attn_implementation = "eager"
     try:

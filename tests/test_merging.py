@@ -280,15 +280,13 @@ def test_visionzip_per_tile_on_llava_next():
     from tokprune_nb.testing.tiny import tiny_llava_next, tiny_inputs
     from tokprune_nb.inject import pruned, last_selection
     from tokprune_nb.merging import VisionZip, shares
-    from tokprune_nb.policies import Policy
+    from tokprune_nb.policies import RandomPrune
+    from tokprune_nb.testing.tiny import Recorder
     model, proc = tiny_llava_next()
     x = tiny_inputs(proc, ["what is in the image ?", "how many dog are there ?"], sizes=[(56, 56), (28, 56)])
-    seen = []
-    class Spy(Policy):                                    # records the TokenSets, keeps everything
-        name = "spy"
-        def __call__(self, ts): seen.extend(ts.split() if ts.batched else [ts]); return self._indices(ts)
-        def _select(self, ts, k): return torch.arange(k).expand(ts.batch_size, k)
-    with torch.no_grad(), pruned(model, Spy(1.0)): model(**x)
+    rec = Recorder(RandomPrune(keep=1.0))                 # keeps everything, records the TokenSets
+    with torch.no_grad(), pruned(model, rec): model(**x)
+    seen = [s for ts in rec.calls for s in (ts.split() if ts.batched else [ts])]
     counts = [torch.bincount(s.tiles).tolist() for s in seen]
     assert counts[0][0] == 16 and len(counts[0]) == 5 and len(counts[1]) == 3   # 4x4 base + 2x2 / 1x2 crops
     for pt in (True, False):

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokprune_nb.inject import pruned, last_selection
+from tokprune_nb.testing.tiny import Recorder
 from tokprune_nb.policies import RandomPrune, UniformPrune, ZSPAPrune, ClsAttnPrune
 from tokprune_nb.temporal import TemporalPrune, temporal_dissimilarity
 from tokprune_nb.core import TokenSet
@@ -112,13 +113,9 @@ def test_lm_sees_exactly_the_kept_video_tokens_at_their_positions(fam, policy, b
 def test_video_tokensets_have_a_temporal_grid(fam):
     name, model, proc = fam
     x = batches(proc)["mixed"]
-    seen = []
-    def spy(ts):
-        seen.append([ts.grid_of(b) for b in range(ts.batch_size)])
-        return UniformPrune(keep=0.5)(ts)
-    spy.budget = UniformPrune(keep=0.5).budget
-    with pruned(model, spy):
-        with torch.no_grad(): model(**x)
+    rec = Recorder(UniformPrune(keep=0.5))
+    with pruned(model, rec), torch.no_grad(): model(**x)
+    seen = [[ts.grid_of(b) for b in range(ts.batch_size)] for ts in rec.calls]
     m = model.model.visual.spatial_merge_size
     want_img = [(int(h) // m, int(w) // m) for _, h, w in x["image_grid_thw"].tolist()]
     want_vid = [(int(t), int(h) // m, int(w) // m) for t, h, w in x["video_grid_thw"].tolist()]

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokprune_nb.inject import pruned, last_selection
+from tokprune_nb.testing.tiny import Recorder
 from tokprune_nb.policies import RandomPrune, UniformPrune, ZSPAPrune, ClsAttnPrune, DivPrune
 from tokprune_nb.temporal import TemporalPrune, temporal_dissimilarity
 from tokprune_nb.testing.tiny_more import tiny_llava_onevision
@@ -84,12 +85,9 @@ def test_lm_sees_exactly_the_kept_video_tokens(ov, policy, batch):
 def test_video_tokensets_have_a_frame_grid(ov):
     model, proc = ov
     x = batches(proc)["mixed"]
-    seen = []
-    def spy(ts):
-        seen.append([ts.grid_of(b) for b in range(ts.batch_size)])
-        return UniformPrune(keep=0.5)(ts)
-    spy.budget = UniformPrune(keep=0.5).budget
-    with pruned(model, spy), torch.no_grad(): model(**x)
+    rec = Recorder(UniformPrune(keep=0.5))
+    with pruned(model, rec), torch.no_grad(): model(**x)
+    seen = [[ts.grid_of(b) for b in range(ts.batch_size)] for ts in rec.calls]
     vc = model.config.vision_config
     s = -(-(vc.image_size // vc.patch_size) // 2)
     assert seen[0][1:] == [(4, s, s), (4, s, s)]                     # the image (tiled: no grid) first, then the clips
@@ -99,11 +97,9 @@ def test_video_saliency_is_attention_received_pooled_like_the_features(ov):
     "Independent reference: eager attentions of the SigLIP tower, averaged over heads and queries, pooled 2×2 bilinearly."
     model, proc = ov
     x = batches(proc)["one"]
-    seen = []
-    def spy(ts):
-        seen.append(ts.saliency.clone()); return UniformPrune(keep=0.5)(ts)
-    spy.budget, spy.needs, spy.saliency_layer = UniformPrune(keep=0.5).budget, frozenset({"saliency"}), -1
-    with pruned(model, spy), torch.no_grad(): model(**x)
+    rec = Recorder(ClsAttnPrune(keep=0.5, saliency_layer=-1))     # needs the saliency of the last layer
+    with pruned(model, rec), torch.no_grad(): model(**x)
+    seen = [ts.saliency for ts in rec.calls]
     tower = model.model.vision_tower
     old = tower.config._attn_implementation
     tower.config._attn_implementation = "eager"

@@ -11,8 +11,9 @@ from .tokenizers import word_tokenizer
 
 # %% auto #0
 __all__ = ['WORDS', 'QWEN_SPECIALS', 'QWEN_WORDS', 'QWEN_TEMPLATE', 'tiny_images', 'llava_tokenizer', 'tiny_llava', 'mid_llava',
-           'tiny_llava_next', 'mid_llava_next', 'tiny_inputs', 'tiny_clip', 'llava_offline', 'qwen_tokenizer',
-           'OfflineQwen2_5_VLProcessor', 'qwen_offline', 'tiny_qwen2_5_vl', 'mid_qwen2_5_vl', 'tiny_qwen_inputs']
+           'tiny_llava_next', 'mid_llava_next', 'tiny_inputs', 'Recorder', 'tiny_clip', 'llava_offline',
+           'qwen_tokenizer', 'OfflineQwen2_5_VLProcessor', 'qwen_offline', 'tiny_qwen2_5_vl', 'mid_qwen2_5_vl',
+           'tiny_qwen_inputs']
 
 # %% ../../nbs/testing/tiny.ipynb #b56e523e
 def _sizes(sizes, n:int, default)->list:
@@ -142,6 +143,16 @@ def tiny_inputs(
     texts = [ph(n) if p == "" else template.replace("{images}", ph(n)).format(p) if "{images}" in template
              else template.format(p) for p, n in zip(prompts, n_images)]
     return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+class Recorder:
+    """A policy wrapper for tests and lessons: `pruned(model, Recorder(policy))` runs `policy` and keeps every TokenSet
+    it is called with in `calls` (as the adapter passes it: one batched TokenSet per call when images are batched)."""
+    def __init__(self, policy): self.policy, self.calls = policy, []
+    def __getattr__(self, name):                  # budget, needs, wants, saliency_layer, ...: the wrapped policy's
+        if name in ("policy", "calls"): raise AttributeError(name)
+        return getattr(self.policy, name)
+    def __call__(self, ts): self.calls.append(ts); return self.policy(ts)
+    def __repr__(self): return f"Recorder({self.policy!r})"
 
 def tiny_clip(model, seed:int=0)->tuple:
     "A random `CLIPModel` whose vision tower matches `model`'s, and a word-level CLIP tokenizer: (clip, clip_tokenizer)."
