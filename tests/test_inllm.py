@@ -265,10 +265,10 @@ def test_refused_where_not_supported():
 
 # ---- the four methods, every supported family --------------------------------------------------------------------
 def _counts(policy, n_img:int)->list:
-    "Image tokens of one sample after each stage (chained `Stage.count`)."
+    "Image tokens of one sample after each stage: chained `Stage.count`, plus the tokens a stage recycles (SparseVLM)."
     out = []
     for st in policy.stages(N_LAYERS):
-        n_img = st.count(n_img); out.append(n_img)
+        c = st.count(n_img); n_img = c + policy.recycled(n_img - c); out.append(n_img)
     return out
 
 
@@ -296,11 +296,13 @@ def test_method_layers_see_exactly_the_survivors(fx, method):
     n_img = ((ids == fx.img) & am).sum(1); n_txt = (am & (ids != fx.img)).sum(1)
     want = [[int(t) + c for c in _counts(policy, int(n))] for t, n in zip(n_txt, n_img)]    # [sample][stage]
     assert len(kept) == len(stages)
+    assert [[t + c for c in policy.image_counts(int(n), N_LAYERS)] for t, n in zip(n_txt.tolist(), n_img)] == want
     for s in range(len(stages)):
         assert [k.numel() for k in kept[s]] == [w[s] for w in want]
         for b, k in enumerate(kept[s]):
             assert am[b, k].all() and int((ids[b, k] != fx.img).sum()) == int(n_txt[b])   # text never pruned
-            if s: assert torch.isin(k, kept[s - 1][b]).all()                              # survivors of survivors
+            if s: assert torch.isin(k, kept[s - 1][b]).all()     # survivors of survivors (a recycled token sits at a
+                                                                 # dropped token's column: one present before the stage)
     for l in range(N_LAYERS):
         done = [s for s, st in enumerate(stages) if st.layer <= l]
         expect = ids.shape[1] if not done else max(w[done[-1]] for w in want)
@@ -407,3 +409,36 @@ def test_scorer_before_its_stage_reuses_the_layers_own_projections(make, monkeyp
         res[reuse] = (logits, fl, gen)
     assert torch.equal(res[False][0], res[True][0]) and torch.equal(res[False][2], res[True][2])
     assert res[True][1] * 4 <= res[False][1]
+
+
+def test_sparsevlm_recycles_dropped_tokens_as_their_cluster_means(fx):
+    """SparseVLM's token recycling, every supported family: the pool is each sample's best-rated ⌊0.3·d⌋ + 1 dropped
+    image tokens; each cluster becomes one token at its centre's column holding the cluster's mean hidden state (as it
+    leaves the scoring layer); without recycling the same stage keeps only the survivors."""
+    from tokprune_nb.inllm.sparsevlm import recycle_sizes
+    lm = text_model(fx.model)
+    def grab(d):
+        def hook(m, a, kw): d.setdefault("h", a[0] if a else kw["hidden_states"])
+        return hook
+    before, after = {}, {}
+    h1 = lm.layers[1].register_forward_pre_hook(grab(before), with_kwargs=True)     # runs before the stage
+    try:
+        with pruned(fx.model, None, inside=SparseVLM(keep=(0.5, 0.25, 0.125))) as ctx:
+            h2 = lm.layers[1].register_forward_pre_hook(grab(after), with_kwargs=True)   # after it
+            try: fx.model(**fx.x)
+            finally: h2.remove()
+            lay, pool, kept = ctx.inside.state["layouts"][0], ctx.inside.state["pool"][0], ctx.inside.kept[0]
+        with pruned(fx.model, None, inside=SparseVLM(keep=(0.5, 0.25, 0.125), recycle=False)) as ctx:
+            fx.model(**fx.x)
+            plain = ctx.inside.kept[0]
+    finally: h1.remove()
+    ids, am = fx.x["input_ids"], fx.x["attention_mask"].bool()
+    for b in range(ids.shape[0]):
+        n = int(((ids[b] == fx.img) & am[b]).sum()); d = n - Stage(1, 0.5).count(n)
+        m, R = recycle_sizes(d)
+        slots, src, cid = lay.mix[b]
+        assert torch.equal(src, pool[b]) and src.numel() == m and slots.numel() == R and cid.max() == R - 1
+        assert not torch.isin(src, plain[b]).any() and (ids[b, src] == fx.img).all()    # dropped image tokens only
+        assert kept[b].numel() == plain[b].numel() + R and torch.isin(plain[b], kept[b]).all()
+        for r in range(R):
+            torch.testing.assert_close(after["h"][b, slots[r]], before["h"][b, src[cid == r]].mean(0), atol=1e-5, rtol=1e-4)

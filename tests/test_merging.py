@@ -1,7 +1,8 @@
 """Merging primitives: VisionZip against a reference written from the published algorithm, merge-back properties."""
 import pytest
 import torch
-from tokprune_nb.merging import Reduction, merge_back, visionzip_reduce
+from tokprune_nb.merging import Reduction, merge_back, visionzip_reduce, VisionZip, ToMePrune
+from tokprune_nb.policies import RandomPrune
 
 
 def official_visionzip(hidden, attn_cls, metric, dominant_num, contextual_num):
@@ -297,3 +298,33 @@ def test_visionzip_per_tile_on_llava_next():
             per = torch.bincount(s.tiles[kept], minlength=len(c)).tolist()
             assert len(kept) == k
             if pt: assert per == shares(k, c)
+
+
+@pytest.mark.parametrize("make", [lambda: VisionZip(0.3), lambda: VisionZip(0.3, per_tile=False), lambda: ToMePrune(0.3),
+                                  lambda: RandomPrune(0.3, seed=1, merge_pruned=True)],
+                         ids=["visionzip-tiles", "visionzip", "tome", "random+merge"])
+def test_groups_reproduce_the_merged_features(make):
+    """Every merging result carries its groups (`assign`, `weight`): Σ weight·token over a slot's group is the slot's
+    feature, in the result's space (VisionZip: the pre-projector features), for one image and for a batch of three
+    of different sizes (padding: -1 / 0); the kept slots are in their own group."""
+    from tokprune_nb.core import TokenSet
+    torch.manual_seed(0)
+    mk = lambda n: TokenSet(feats=torch.randn(n, 8), saliency=torch.rand(n), vision_feats=torch.randn(n, 6),
+                            keys=torch.randn(n, 4), tiles=torch.arange(n) * 3 // n)
+    sets = [mk(n) for n in (36, 24, 30)]
+    pol = make()
+    for ts, many in ((sets[0], False), (TokenSet.stack(sets), True)):
+        red = pol(ts)
+        assert isinstance(red, Reduction) and red.assign is not None and red.batched == many
+        for i, s in enumerate(sets if many else sets[:1]):
+            n = s.n_tokens
+            idx, f = (red.index[i], red.feats[i]) if many else (red.index, red.feats)
+            a, w = (red.assign[i], red.weight[i]) if many else (red.assign, red.weight)
+            k = int((idx >= 0).sum()); idx, f = idx[:k], f[:k]
+            if many: assert (a[n:] == -1).all() and (w[n:] == 0).all()
+            a, w = a[:n], w[:n]
+            src = s.vision_feats if red.space == "vision" else s.feats
+            u = a >= 0
+            got = torch.zeros(k, src.shape[-1]).index_add_(0, a[u], src[u] * w[u][:, None])
+            torch.testing.assert_close(got, f.float(), atol=1e-5, rtol=1e-4)
+            assert torch.equal(a[idx], torch.arange(k))                 # a kept token is in its own slot's group

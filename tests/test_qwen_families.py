@@ -11,6 +11,8 @@ from tokprune_nb.testing.tiny_qwen_vl import tiny_qwen2_vl, tiny_qwen3_vl
 from tokprune_nb.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from tokprune_nb.adapters.qwen2_vl import Qwen2VLAdapter, full_attention_tokens, full_attention_block
 from tokprune_nb.adapters.qwen3_vl import Qwen3VLAdapter
+from tokprune_nb.merging import Reduction, ToMePrune, VisionZip
+from tokprune_nb.testing.tiny import Recorder
 
 PROMPTS = ["what color is the cat ?", "how many dog are there in the picture ?", "describe"]
 GEN = dict(max_new_tokens=4, do_sample=False)
@@ -163,7 +165,7 @@ def test_adapters_share_qwen2_5_vl():
     assert issubclass(Qwen2VLAdapter, Qwen2_5_VLAdapter) and issubclass(Qwen3VLAdapter, Qwen2VLAdapter)
     own = lambda c: {k for k in vars(c) if not k.startswith("_") and callable(vars(c)[k])}
     assert own(Qwen2VLAdapter) == {"encode_kind"}
-    assert own(Qwen3VLAdapter) == {"encode_kind", "encoder_output"}
+    assert own(Qwen3VLAdapter) == {"encode_kind", "encoder_output", "merge_extra"}   # template hooks only
 
 
 @pytest.mark.parametrize("name,arch", [("qwen2-vl", "qwen2-vl-7b"), ("qwen3-vl", "qwen3-vl-8b")])
@@ -198,3 +200,39 @@ def test_video_pixels_without_placeholders_are_refused(fam):
     x = dict(f.inputs(proc, PROMPTS[:1], sizes=[(56, 56)]))
     x["pixel_values_videos"] = torch.zeros(8, x["pixel_values"].shape[-1]); x["video_grid_thw"] = torch.tensor([[2, 2, 2]])
     with pruned(model, RandomPrune(keep=0.5)), pytest.raises(ValueError, match="holds no video token"): model(**x)
+
+
+@pytest.mark.parametrize("make", [lambda: ZSPAPrune(keep=0.3, merge_pruned=True), lambda: ToMePrune(0.25),
+                                  lambda: VisionZip(0.3)], ids=["zspaprune+merge", "tome", "visionzip"])
+def test_merged_slots_get_merged_deepstack_features(q3, make):
+    """A merging policy's merged slots get every DeepStack level merged with the policy's own groups (Σ weight·level over
+    the tokens merged into the slot); unmerged kept slots keep their own level features, bit for bit; three images,
+    batched. For LLM-space merges the same groups reproduce the merged main features."""
+    model, proc = q3
+    x = dict(tiny_qwen_inputs(proc, PROMPTS, sizes=[64, (32, 96), 128]))
+    with torch.no_grad():
+        full = model.model.get_image_features(x["pixel_values"], x["image_grid_thw"], return_dict=True)
+    rec = Recorder(make())
+    with pruned(model, rec) as ctx:
+        kw = lm_calls(model, lambda: model(**x))[0]
+        sel = last_selection(model)
+    red = rec.results[-1]
+    assert isinstance(red, Reduction) and red.batched and red.assign is not None
+    main = ctx.last.kwargs["mm_encoder_outputs"]["image"].pooler_output
+    row = lambda t, i, n: t[i, :n]
+    n_merged = 0
+    for i, s in enumerate(sel):
+        N, k = full.pooler_output[i].shape[0], s.numel()
+        a, w, merged = row(red.assign, i, N), row(red.weight, i, N), row(red.size, i, k) > 1
+        if not isinstance(rec.policy, VisionZip): assert (a >= 0).all()   # merge-back, ToMe: every token is in a slot
+        n_merged += int(merged.sum()); u = a >= 0                 # (VisionZip with no contextual budget drops tokens)
+        combine = lambda src: torch.zeros(k, src.shape[-1]).index_add_(0, a[u], src[u].float() * w[u][:, None])
+        if red.space == "llm":
+            torch.testing.assert_close(main[i][merged].float(), combine(full.pooler_output[i])[merged], atol=1e-5, rtol=1e-4)
+        off = sum(t.numel() for t in sel[:i])
+        for j, lvl in enumerate(kw["deepstack_visual_embeds"]):
+            got, own = lvl[off:off + k], full.deepstack_features[j][i]
+            assert torch.equal(got[~merged], own[s][~merged])
+            torch.testing.assert_close(got[merged].float(), combine(own)[merged], atol=1e-5, rtol=1e-4)
+            if merged.any(): assert not torch.allclose(got[merged], own[s][merged])   # not the target's own any more
+    assert n_merged > 0

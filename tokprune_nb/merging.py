@@ -12,7 +12,7 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['SPACES', 'VISIONZIP_RATIO', 'MERGING', 'Reduction', 'merge_back', 'visionzip_reduce', 'shares', 'VisionZip',
-           'tome_reduce', 'ToMePrune', 'merging_policy']
+           'pack_reductions', 'tome_reduce', 'ToMePrune', 'merging_policy']
 
 # %% ../nbs/03b_merging.ipynb #d216b24f
 SPACES = ("llm", "vision")
@@ -24,6 +24,8 @@ class Reduction:
     feats: Tensor             # [k,D] or [B,k,D] the features of the kept slots (merged where merging happened)
     size: Tensor|None = None  # [k] or [B,k] original tokens each slot stands for (1 = not merged)
     space: str = "llm"        # "llm": LLM input space; "vision": the tower's feature space, projected by the adapter
+    assign: Tensor|None = None  # [N] or [B,N] per original token: the position in `index` of the slot it went into (-1: none)
+    weight: Tensor|None = None  # [N] or [B,N] its coefficient there: a merged slot's feature is Σ weight·token over its group
 
     def __post_init__(self):
         if not isinstance(self.index, Tensor) or self.index.dtype not in (torch.int64, torch.int32) or self.index.dim() not in (1, 2):
@@ -35,6 +37,13 @@ class Reduction:
         if self.size is not None and (not isinstance(self.size, Tensor) or tuple(self.size.shape) != tuple(self.index.shape)):
             raise ValueError(f"`size` must have the shape of `index` {tuple(self.index.shape)}")
         if self.space not in SPACES: raise ValueError(f"`space` must be one of {SPACES}, got {self.space!r}")
+        if (self.assign is None) != (self.weight is None): raise ValueError("`assign` and `weight` come together (both or neither)")
+        if self.assign is not None:
+            if not isinstance(self.assign, Tensor) or self.assign.dtype not in (torch.int64, torch.int32) or self.assign.dim() != self.index.dim() \
+               or (self.batched and self.assign.shape[0] != self.index.shape[0]):
+                raise TypeError(f"`assign` must be an integer tensor [N] (or [B,N] for a batch), got {getattr(self.assign, 'shape', type(self.assign))}")
+            if not isinstance(self.weight, Tensor) or not self.weight.is_floating_point() or self.weight.shape != self.assign.shape:
+                raise ValueError(f"`weight` must be a float tensor of the shape of `assign` {tuple(self.assign.shape)}")
 
     @property
     def batched(self)->bool:
@@ -47,13 +56,14 @@ def merge_back(
     kept:Tensor,           # [B,k] kept slots (any order, unique)
     size:Tensor=None,      # [B,N] sizes of the tokens (default 1)
     metric:Tensor=None,    # [B,N,C] features to match by (default `feats`)
-)->tuple:                  # (merged [B,k,D] in the order of `kept`, size [B,k])
+    groups:bool=False,     # also return (assign [B,N]: position in `kept` each token went into, weight [B,N]: its coefficient)
+)->tuple:                  # (merged [B,k,D] in the order of `kept`, size [B,k]) (+ assign, weight with `groups`)
     "Average every dropped token into its most similar kept token (size-weighted, ToMe-style)."
     B, N, D = feats.shape
     size = feats.new_ones(B, N, dtype=torch.float32) if size is None else size.float()
     m = F.normalize((feats if metric is None else metric).float(), dim=-1)
     dropped = torch.ones(B, N, dtype=torch.bool, device=feats.device).scatter_(1, kept, False)
-    out, sizes = [], []
+    out, sizes, assign, weight = [], [], [], []
     for b in range(B):                          # image by image: matmuls round the same alone and in a batch
         sim = m[b] @ m[b, kept[b]].T            # [N,k]
         tgt = sim.argmax(-1)                    # first maximum: ties to the earlier kept token
@@ -63,6 +73,8 @@ def merge_back(
         acc = torch.zeros(kept.shape[1], D, dtype=torch.float32, device=feats.device).index_add_(0, tgt, feats[b].float() * w[:, None])
         tot = torch.zeros(kept.shape[1], dtype=torch.float32, device=feats.device).index_add_(0, tgt, w)
         out.append((acc / tot[:, None]).to(feats.dtype)); sizes.append(tot)
+        assign.append(tgt); weight.append(w / tot[tgt])
+    if groups: return torch.stack(out), torch.stack(sizes), torch.stack(assign), torch.stack(weight)
     return torch.stack(out), torch.stack(sizes)
 
 # %% ../nbs/03b_merging.ipynb #d4f85ab7
@@ -72,17 +84,23 @@ def visionzip_reduce(
     keys:Tensor,        # [N,Dk] that layer's keys, averaged over heads
     dominant:int,       # number of dominant tokens
     contextual:int,     # number of contextual (merged) tokens
-)->tuple:               # (slots [k] sorted, features [k,Dv], size [k]) with k = dominant + contextual
+    groups:bool=False,  # also return (assign [N]: position in the slots each token went into or -1, weight [N]: its coefficient)
+)->tuple:               # (slots [k] sorted, features [k,Dv], size [k]) with k = dominant + contextual (+ assign, weight)
     "VisionZip on one image: dominant tokens by saliency, the rest merged into uniformly strided targets by key similarity."
     N = hidden.shape[0]
     if dominant < 0 or contextual < 0 or dominant + contextual < 1 or dominant + contextual > N:
         raise ValueError(f"`dominant` + `contextual` must be in [1, {N}], got {dominant} + {contextual}")
-    if dominant + contextual == N: return torch.arange(N, device=hidden.device), hidden, hidden.new_ones(N, dtype=torch.float32)
+    ar = torch.arange(N, device=hidden.device)
+    if dominant + contextual == N:
+        out = ar, hidden, hidden.new_ones(N, dtype=torch.float32)
+        return out + (ar, torch.ones(N, device=hidden.device)) if groups else out
     dom = saliency.float().sort(descending=True, stable=True).indices[:dominant]     # ties to the earlier token
     rest = torch.ones(N, dtype=torch.bool, device=hidden.device); rest[dom] = False
     rest = torch.nonzero(rest).flatten()                                              # original order
     M = rest.numel()
     feats = hidden.clone(); size = hidden.new_ones(N, dtype=torch.float32)
+    owner = torch.full((N,), -1, dtype=torch.long, device=hidden.device); owner[dom] = dom   # slot (token id) of each token
+    coef = torch.zeros(N, device=hidden.device); coef[dom] = 1.0
     if contextual:
         step = max(1, M // contextual)
         t = torch.arange(0, M, step, device=hidden.device)[:contextual]
@@ -95,10 +113,14 @@ def visionzip_reduce(
         cnt = torch.zeros(t.numel(), device=hidden.device).index_add_(0, assign, torch.ones_like(assign, dtype=torch.float32))
         feats[rest[t]] = (h[t] + agg / cnt.clamp(min=1)[:, None]).to(hidden.dtype)
         size[rest[t]] = 1 + cnt
+        owner[rest[t]] = rest[t]; coef[rest[t]] = 1.0                                 # target + mean(assigned)
+        owner[rest[others]] = rest[t][assign]; coef[rest[others]] = 1.0 / cnt[assign]
         keep = torch.cat([dom, rest[t]])
     else: keep = dom
     keep = keep.sort().values
-    return keep, feats[keep], size[keep]
+    if not groups: return keep, feats[keep], size[keep]
+    pos = torch.full((N,), -1, dtype=torch.long, device=hidden.device); pos[keep] = torch.arange(keep.numel(), device=hidden.device)
+    return keep, feats[keep], size[keep], torch.where(owner >= 0, pos[owner.clamp(min=0)], -1), coef
 
 # %% ../nbs/03b_merging.ipynb #e40b3e84
 from .core import TokenSet
@@ -159,21 +181,25 @@ class VisionZip(Policy):
         return d, k - d
 
     def _reduce(self, hidden:Tensor, saliency:Tensor, keys:Tensor, k:int, tiles:Tensor|None)->tuple:
-        "VisionZip on one image with budget `k`: over the whole image, or tile by tile when `tiles` is given."
+        "VisionZip on one image with budget `k` (slots, feats, size, assign, weight): whole image, or tile by tile with `tiles`."
         d, c = self.split(k)
-        if tiles is None: return visionzip_reduce(hidden, saliency, keys, d, c)
+        if tiles is None: return visionzip_reduce(hidden, saliency, keys, d, c, groups=True)
         ids, counts = torch.unique(tiles, return_counts=True)
         counts = counts.tolist()
-        slots, feats, size = [], [], []
+        N = hidden.shape[0]
+        slots, feats, size, where = [], [], [], []
+        assign = torch.full((N,), -1, dtype=torch.long, device=hidden.device); weight = torch.zeros(N, device=hidden.device)
         for t, kt, ct in zip(ids.tolist(), shares(k, counts), shares(c, counts)):
-            if kt == 0: continue
             idx = torch.nonzero(tiles == t).flatten()
+            if kt == 0: continue                                      # (a tile with no budget: its tokens go nowhere)
             ct = min(ct, kt)                                          # the image's contextual tokens, shared the same way
-            sl, f, sz = visionzip_reduce(hidden[idx], saliency[idx], keys[idx], kt - ct, ct)
+            sl, f, sz, a, w = visionzip_reduce(hidden[idx], saliency[idx], keys[idx], kt - ct, ct, groups=True)
+            n0 = sum(x.numel() for x in slots)                        # this tile's slots start here in the concatenation
+            assign[idx] = torch.where(a >= 0, a + n0, -1); weight[idx] = w
             slots.append(idx[sl]); feats.append(f); size.append(sz)
         slots, feats, size = torch.cat(slots), torch.cat(feats), torch.cat(size)
-        o = slots.argsort()
-        return slots[o], feats[o], size[o]
+        o = slots.argsort(); inv = torch.empty_like(o); inv[o] = torch.arange(o.numel(), device=o.device)
+        return slots[o], feats[o], size[o], torch.where(assign >= 0, inv[assign.clamp(min=0)], -1), weight
 
     def __call__(self, ts:TokenSet):
         """A `Reduction` (`[k]` / `[B,k_max]` slots, -1 padded): in vision space when `ts` has `vision_feats`, else in
@@ -190,23 +216,33 @@ class VisionZip(Policy):
         hid = lambda s: s.vision_feats if space == "vision" else s.feats
         res = [self._reduce(hid(s), s.saliency, s.keys if s.has('keys') else hid(s), k,
                             s.tiles if self.per_tile and s.has('tiles') else None) for s, k in zip(sets, ks)]
-        if not ts.batched: return Reduction(*res[0], space=space)
-        K, Dv = max(ks), hid(sets[0]).shape[-1]
-        idx = torch.full((len(sets), K), -1, dtype=torch.long, device=ts.device)
-        f = hid(sets[0]).new_zeros(len(sets), K, Dv); size = torch.zeros(len(sets), K, device=ts.device)
-        for b, (sl, fb, sb) in enumerate(res): idx[b, :len(sl)], f[b, :len(sl)], size[b, :len(sl)] = sl, fb, sb
-        return Reduction(idx, f, size, space=space)
+        return pack_reductions(res, ts, space)
 
-# %% ../nbs/03b_merging.ipynb #1f21ca09
+def pack_reductions(res:list, ts:TokenSet, space:str)->Reduction:
+    "One `Reduction` from per-image `(slots, feats, size, assign, weight)`: as is for one image, padded for a batch."
+    if not ts.batched: return Reduction(*res[0][:3], space=space, assign=res[0][3], weight=res[0][4])
+    B, K, N = len(res), max(r[0].numel() for r in res), max(r[3].numel() for r in res)
+    f0 = res[0][1]
+    idx = torch.full((B, K), -1, dtype=torch.long, device=f0.device); f = f0.new_zeros(B, K, f0.shape[-1])
+    size = torch.zeros(B, K, device=f0.device)
+    assign = torch.full((B, N), -1, dtype=torch.long, device=f0.device); weight = torch.zeros(B, N, device=f0.device)
+    for b, (sl, fb, sb, ab, wb) in enumerate(res):
+        idx[b, :len(sl)], f[b, :len(sl)], size[b, :len(sl)] = sl, fb, sb
+        assign[b, :len(ab)], weight[b, :len(ab)] = ab, wb
+    return Reduction(idx, f, size, space=space, assign=assign, weight=weight)
+
+# %% ../nbs/03b_merging.ipynb #fa66f9e9
 def tome_reduce(
     x:Tensor,     # [N,D] the tokens of one image
     k:int,        # tokens to keep, 1 <= k <= N
-)->tuple:         # (slots [k] sorted, features [k,D], size [k])
+    groups:bool=False,  # also return (assign [N]: position in the slots each token ended in, weight [N] = 1/size of that slot)
+)->tuple:         # (slots [k] sorted, features [k,D], size [k]) (+ assign, weight)
     "ToMe's bipartite soft matching, repeated until `k` tokens remain: each round merges the most similar A→B pairs."
     N = x.shape[0]
     if not 1 <= k <= N: raise ValueError(f"`k` must be in [1, {N}], got {k}")
     slots = torch.arange(N, device=x.device); size = torch.ones(N, device=x.device)
     f = x.float().clone()
+    owner = torch.arange(N, device=x.device)                                    # current position of each token's group
     while slots.numel() > k:
         n = slots.numel(); a, b = torch.arange(0, n, 2, device=x.device), torch.arange(1, n, 2, device=x.device)
         r = min(n - k, a.numel(), b.numel())
@@ -220,7 +256,13 @@ def tome_reduce(
         survivors = torch.cat([a[keep_a], b])
         new_f = torch.cat([f[a[keep_a]], fb / sb[:, None]]); new_s = torch.cat([size[a[keep_a]], sb])
         o = slots[survivors].argsort()                                          # back to slot order
+        inv = torch.empty_like(o); inv[o] = torch.arange(o.numel(), device=x.device)
+        moved = torch.empty(n, dtype=torch.long, device=x.device)                # old position -> new position
+        moved[a[keep_a]] = inv[:keep_a.numel()]; moved[b] = inv[keep_a.numel():]
+        moved[a[src]] = inv[keep_a.numel() + dst[src]]
+        owner = moved[owner]
         slots, f, size = slots[survivors][o], new_f[o], new_s[o]
+    if groups: return slots, f.to(x.dtype), size, owner, 1.0 / size[owner]   # size-weighted means compose: plain mean
     return slots, f.to(x.dtype), size
 
 class ToMePrune(Policy):
@@ -234,13 +276,7 @@ class ToMePrune(Policy):
         sets = ts.split() if ts.batched else [ts]
         ks = [self.budget(s.n_tokens) for s in sets]
         if all(k == s.n_tokens for k, s in zip(ks, sets)): return self._indices(ts)
-        res = [tome_reduce(s.feats, k) for s, k in zip(sets, ks)]
-        if not ts.batched: return Reduction(*res[0], space="llm")
-        K, D = max(ks), ts.feats.shape[-1]
-        idx = torch.full((len(sets), K), -1, dtype=torch.long, device=ts.device)
-        f = ts.feats.new_zeros(len(sets), K, D); size = torch.zeros(len(sets), K, device=ts.device)
-        for b, (sl, fb, sb) in enumerate(res): idx[b, :len(sl)], f[b, :len(sl)], size[b, :len(sl)] = sl, fb, sb
-        return Reduction(idx, f, size, space="llm")
+        return pack_reductions([tome_reduce(s.feats, k, groups=True) for s, k in zip(sets, ks)], ts, "llm")
 
 # %% ../nbs/03b_merging.ipynb #6c11726b
 from .policies import POLICIES

@@ -167,10 +167,13 @@ class Policy:
         kept = [r[r >= 0] for r in idx]
         if all(k.numel() == v.numel() for k, v in zip(kept, valid)): return out       # keeps all: plain indices
         feats = bt.feats.new_zeros(B, idx.shape[1], D); size = torch.zeros(B, idx.shape[1], device=bt.device)
+        assign = torch.full((B, N), -1, dtype=torch.long, device=bt.device); weight = torch.zeros(B, N, device=bt.device)
         for b, (v, k) in enumerate(zip(valid, kept)):   # image by image: the same arithmetic alone and in a batch
-            f, s = merge_back(bt.feats[b, v][None], torch.searchsorted(v, k)[None])
+            f, s, a, w = merge_back(bt.feats[b, v][None], torch.searchsorted(v, k)[None], groups=True)
             feats[b, :k.numel()], size[b, :k.numel()] = f[0], s[0]
-        return Reduction(out, feats if ts.batched else feats[0], size if ts.batched else size[0], space="llm")
+            assign[b, v], weight[b, v] = a[0], w[0]    # the groups, for what else the adapter merges (DeepStack levels)
+        one = lambda t: t if ts.batched else t[0]
+        return Reduction(out, one(feats), one(size), space="llm", assign=one(assign), weight=one(weight))
 
     def _indices(self, ts:TokenSet)->Tensor:
         "The kept indices (what `__call__` returns without merging)."

@@ -183,8 +183,9 @@ def check_budget(policy, counts:list):
         try: policy.budget(int(n))
         except ValueError as e: raise ValueError(f"image {i} has {int(n)} visual tokens: {e}") from e
 
-def _check_reduction(r, sel:Tensor, i:int, policy, dims:dict)->tuple:
-    "Validate image `i`'s part of a `Reduction` (features and sizes of its kept slots) as strictly as indices."
+def _check_reduction(r, sel:Tensor, i:int, policy, dims:dict, n:int=None)->tuple:
+    """Validate image `i`'s part of a `Reduction` (features and sizes of its kept slots, and the groups of its `n` tokens
+    when given) as strictly as indices: `(feats, size, space, assign, weight)`."""
     name = type(policy).__name__
     k = sel.numel()
     f, size = r.feats, r.size
@@ -198,12 +199,19 @@ def _check_reduction(r, sel:Tensor, i:int, policy, dims:dict)->tuple:
     if not bool(torch.isfinite(f).all()): raise ValueError(f"`policy` {name} returned NaN/inf features for image {i}")
     if size is not None and (size.shape != (k,) or not bool((size >= 1).all())):
         raise ValueError(f"`policy` {name} returned sizes {size.tolist()[:10]} for image {i}: one per kept slot, each >= 1")
-    return f, (torch.ones(k) if size is None else size.float()), r.space
+    a, w = r.assign, r.weight
+    if a is not None:
+        if a.shape != (n,) or not bool(((a >= -1) & (a < k)).all()) or not bool(torch.isfinite(w).all()):
+            raise ValueError(f"`policy` {name} returned groups (`assign`/`weight`) of shape {tuple(a.shape)} for image {i}: "
+                             f"one per token ({n}), each a kept position in [-1, {k - 1}] with a finite weight")
+        a, w = a.long().cpu(), w.float().cpu()
+    return f, (torch.ones(k) if size is None else size.float()), r.space, a, w
 
 def run_policy(policy, tokensets:list, merged:list=None)->list:
     """Run `policy` on single-image TokenSets (batched when there are several); list of kept indices per image. A policy
     may return a `merging.Reduction` instead of indices: then `merged` (a list, if given) receives per image
-    `(features [k,D'], size [k], space)` of the kept slots; without `merged` a Reduction is refused."""
+    `(features [k,D'], size [k], space, assign [N] or None, weight [N] or None)` of the kept slots and the groups;
+    without `merged` a Reduction is refused."""
     from tokprune_nb.merging import Reduction
     ns = [ts.feats.shape[-2] for ts in tokensets]
     check_budget(policy, ns)
@@ -224,10 +232,10 @@ def run_policy(policy, tokensets:list, merged:list=None)->list:
         dims = {"llm": tokensets[0].feats.shape[-1],
                 "vision": None if tokensets[0].vision_feats is None else tokensets[0].vision_feats.shape[-1]}
         for i, s in enumerate(sel):
-            part = type(red)(red.index if not red.batched else red.index[i, :s.numel()],
-                             red.feats if not red.batched else red.feats[i, :s.numel()],
-                             None if red.size is None else (red.size if not red.batched else red.size[i, :s.numel()]), red.space)
-            merged.append(_check_reduction(part, s, i, policy, dims))
+            row = (lambda t, m: t if not red.batched or t is None else t[i, :m])
+            part = type(red)(row(red.index, s.numel()), row(red.feats, s.numel()), row(red.size, s.numel()), red.space,
+                             row(red.assign, ns[i]), row(red.weight, ns[i]))
+            merged.append(_check_reduction(part, s, i, policy, dims, ns[i]))
     elif merged is not None: merged.extend([None] * len(sel))
     return sel
 
@@ -379,7 +387,7 @@ class Adapter:
         """`im` with the merged slots' features replaced (projected first when in vision space); unmerged kept tokens
         keep their own features, bit for bit. A merged token keeps its target's slot, and so its position."""
         if m is None: return im
-        f, size, space = m
+        f, size, space = m[:3]
         merged = size > 1
         if not bool(merged.any()): return im
         new = f[merged].to(im.packed.device)
@@ -387,8 +395,30 @@ class Adapter:
         packed = im.packed.clone()
         cand = kept if im.cand is None else im.cand.to(kept.device)[kept]
         packed[cand[merged.to(kept.device)].to(packed.device)] = new.to(packed.dtype)
-        return ImageTokens(packed, im.cand, im.grid, im.saliency, im.clip_feats, im.extra, im.kind, im.vision_feats, im.keys,
-                           im.tiles)
+        return ImageTokens(packed, im.cand, im.grid, im.saliency, im.clip_feats, self.merge_extra(im, kept, m), im.kind,
+                           im.vision_feats, im.keys, im.tiles)
+
+    def merge_extra(self, im:ImageTokens, kept:Tensor, m)->dict:
+        """`im.extra` after a merge (called only when some slot is merged): a family whose `extra` holds per-slot features
+        the model also reads (Qwen3-VL's DeepStack levels) merges them with `merge_slots`; default: unchanged."""
+        return im.extra
+
+    @staticmethod
+    def merge_slots(x:Tensor, im:ImageTokens, kept:Tensor, m)->Tensor:
+        """A per-slot feature `x` `[P,D']` of `im` (in `packed` order) with the policy's groups applied: each merged kept
+        slot becomes `Σ weight·x` over the tokens of its group (`Reduction.assign`/`weight`); the other slots are left
+        as they are, bit for bit. Without groups (a policy that returns none) `x` is returned unchanged."""
+        f, size, space, assign, weight = m
+        if assign is None: return x
+        merged = (size > 1).to(kept.device)
+        cand = torch.arange(x.shape[0], device=kept.device) if im.cand is None else im.cand.to(kept.device)
+        a, w = assign.to(kept.device), weight.to(kept.device)
+        use = (a >= 0) & merged[a.clamp(min=0)]                         # tokens whose group is a merged slot
+        acc = torch.zeros(kept.numel(), x.shape[-1], dtype=torch.float32, device=x.device)
+        acc.index_add_(0, a[use].to(x.device), x[cand[use].to(x.device)].float() * w[use].to(x.device)[:, None])
+        out = x.clone()
+        out[cand[kept][merged].to(x.device)] = acc[merged.to(x.device)].to(x.dtype)
+        return out
 
     def finish(self, kwargs:dict, short:dict, ids:Tensor, am:Tensor, keep:Tensor, for_generate:bool)->list:
         "Last touches on the LLM call's `kwargs` from the shortened per-token tensors `short`; returns contexts."

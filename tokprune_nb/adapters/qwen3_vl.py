@@ -51,6 +51,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                             extra={"deepstack": [lvl[i] for lvl in levels]})
                 for i, (f, g) in enumerate(zip(out.pooler_output, grids))]
 
+    def merge_extra(self, im, kept, m)->dict:
+        "A merged slot's DeepStack features: every level merged with the policy's groups, as the main features were."
+        return {**im.extra, "deepstack": [self.merge_slots(x, im, kept, m) for x in im.extra.get("deepstack", [])]}
+
     def encoder_output(self, imgs, slots):
         "Main features and every DeepStack level's, gathered with the same kept slots (transformers 5.24's output class)."
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures

@@ -51,6 +51,7 @@ class Scoring:
     norm:object = None         # the decoder stack's final norm
     proj:dict = None           # {"q": [B,L,H·dh], "k": [B,L,Hkv·dh]}: the scorer layer's own q/k projections of `hidden`,
                                # captured from its forward (`REUSE_PROJECTIONS`), or None: recompute them
+    scores:Tensor = None       # [B,L] what `select` ranked by, when it keeps them here (read by `InLLMPolicy.recycle`)
 
 def top_image_tokens(scores:Tensor, image:Tensor, valid:Tensor, stage:Stage)->list:
     "Per sample: the columns of its `stage.count(n)` best-scored image tokens, sorted (ties: the earliest token)."
@@ -67,6 +68,25 @@ class InLLMPolicy:
     per prompt and returns a `[B,L]` bool mask of query tokens. Every parameter is in `repr`."""
     def stages(self, n_layers:int)->list: raise NotImplementedError
     def prepare(self, hidden:Tensor, image:Tensor, valid:Tensor): return None
+    def recycle(self, x:Scoring, kept:list):
+        """Token recycling (optional): per sample, the columns of dropped image tokens whose hidden states are merged into
+        *new* tokens at the stage (`clusters` groups them), or None: dropped tokens are gone."""
+        return None
+    def clusters(self, h:Tensor)->tuple:
+        "Group a recycling pool `h` `[m,D]`: (centre rows `[R]`, cluster id of each row `[m]` in 0..R-1, centres in their own)."
+        raise NotImplementedError(f"{type(self).__name__}.recycle returned a pool but the policy has no `clusters`")
+    def recycled(self, n_dropped:int)->int:
+        "New tokens a stage adds when it drops `n_dropped` image tokens of a sample (0: no recycling)."
+        return 0
+    def image_counts(self, n:int, n_layers:int)->list:
+        "Image tokens of a sample with `n` of them after each stage: the survivors, plus recycled tokens if any."
+        out = []
+        for s in self.stages(n_layers):
+            c = s.count(n); n = c + self.recycled(n - c); out.append(n)
+        return out
+    def nominal_after(self, stage:Stage, share:float)->float:
+        "Share of the original image tokens left after `stage` when `share` enter it (unrounded; `equal_flops` uses it)."
+        return share * stage.keep
     def select(self, x:Scoring)->list:
         if x.stage.rule != "last": raise NotImplementedError(f"{type(self).__name__} does not implement rule {x.stage.rule!r}")
         with torch.no_grad(): scores = last_token_attention(x.layer, x.hidden, x.position_embeddings, x.valid, x.proj)
@@ -222,12 +242,23 @@ def _fmt(allowed:Tensor, like, impl:str, dtype):
     if use_bool: return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
-# %% ../../nbs/inllm/base.ipynb #c2dd17cf
+# %% ../../nbs/inllm/base.ipynb #3754fe19
 class _Layout:
-    "One stage's shortened layout: `index` [B,S] (column of the previous layout, -1 = padding), validity, and the layer inputs."
+    """One stage's shortened layout: `index` [B,S] (column of the previous layout, -1 = padding), validity, the layer
+    inputs, and `mix`: per sample, recycled tokens (slots `[R]` of this layout, source columns `[m]`, cluster ids `[m]`)."""
     def __init__(self, index, valid, image, src_len):
         self.index, self.valid, self.image, self.src_len = index, valid, image, src_len
-        self.mask = self.pe = self.pos_ids = None; self.mask_set = False
+        self.mask = self.pe = self.pos_ids = self.mix = None; self.mask_set = False
+
+    def take(self, hs:Tensor)->Tensor:
+        "Hidden states `[B,L,D]` of the previous layout in this one: the survivors' rows, each recycled slot the mean of its cluster."
+        out = _gather_rows(hs, self.index.clamp(min=0), 1) * self.valid[..., None]
+        for b, (slots, src, cid) in enumerate(self.mix or []):
+            if slots.numel() == 0: continue
+            sums = torch.zeros(slots.numel(), hs.shape[-1], dtype=torch.float32, device=hs.device).index_add_(0, cid, hs[b, src].float())
+            cnt = torch.bincount(cid, minlength=slots.numel()).clamp(min=1)
+            out[b, slots] = (sums / cnt[:, None]).to(out.dtype)
+        return out
 
 class InsideRunner:
     "Installs an in-LLM policy's hooks on a model's decoder layers; `begin(...)` starts a new prompt."
@@ -285,7 +316,7 @@ class InsideRunner:
         valid = torch.ones_like(image, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         self._t0 = SCORING["flops"]
         self.state = dict(image=image, valid=valid, L0=image.shape[1], queries=None, layouts=[None] * len(self.stages),
-                          kept=[None] * len(self.stages), identity=[False] * len(self.stages))
+                          kept=[None] * len(self.stages), identity=[False] * len(self.stages), pool=[None] * len(self.stages))
 
     # ---- what the context reports -------------------------------------------------------------------------------
     @property
@@ -361,7 +392,7 @@ class InsideRunner:
                 j = max((j for j in range(i + 1) if not st["identity"][j]), default=None)
                 if j is None: return None
                 lay = st["layouts"][j]
-                if self.stages[i].layer == l and j == i: hs = _gather_rows(hs, lay.index.clamp(min=0), 1) * lay.valid[..., None]
+                if self.stages[i].layer == l and j == i: hs = lay.take(hs)
                 return self._replace(args, kwargs, hs, lay)
             if i < 0: return None
             j = max((j for j in range(i + 1) if not st["identity"][j]), default=None)
@@ -399,7 +430,7 @@ class InsideRunner:
         pe = kwargs["position_embeddings"]
         if prev is not None and out is None:
             jp = max(k for k in range(j) if st["layouts"][k] is prev)
-            if self.stages[jp].layer == l: hs = _gather_rows(hs, prev.index.clamp(min=0), 1) * prev.valid[..., None]
+            if self.stages[jp].layer == l: hs = prev.take(hs)
             pe = prev.pe
         q0 = hs.shape[1] if st["layouts"][0] is None else st["layouts"][0].src_len     # length of this call's input
         queries = None if st["queries"] is None else self._carry(st["queries"], j - 1, q0)
@@ -407,6 +438,8 @@ class InsideRunner:
         kept = self.policy.select(x)
         if len(kept) != hs.shape[0]: raise ValueError(f"{type(self.policy).__name__}.select returned {len(kept)} rows for a batch of {hs.shape[0]}")
         st["kept"][j] = [k.to(torch.long) for k in kept]
+        pool = self.policy.recycle(x, st["kept"][j])
+        st["pool"][j] = None if pool is None else [p.to(torch.long) for p in pool]
 
     def _apply(self, i:int, hs:Tensor, kwargs:dict):
         "Build stage `i`'s layout (once per prompt) from the previous layout and the selection."
@@ -417,6 +450,13 @@ class InsideRunner:
                                                attention_mask=prev.mask if prev.mask is not None else kwargs.get("attention_mask"))
         keep = valid & ~image
         for b, kb in enumerate(st["kept"][i]): keep[b, kb] = True
+        groups = [None] * keep.shape[0]
+        for b, pb in enumerate(st["pool"][i] or []):     # recycling: each cluster of dropped tokens becomes a new token
+            if pb.numel() == 0: continue                 # at its centre's column (position, cos/sin), holding its mean
+            if not bool((image[b, pb] & valid[b, pb] & ~keep[b, pb]).all()):
+                raise ValueError(f"{type(self.policy).__name__}.recycle must name dropped image tokens only")
+            with torch.no_grad(): centre, cid = self.policy.clusters(hs[b, pb])
+            keep[b, pb[centre]] = True; groups[b] = (pb[centre], pb, cid)
         if IDENTITY_SHORTCUT and bool((keep == valid).all()):
             st["identity"][i] = True; st["layouts"][i] = _Layout(None, None, None, hs.shape[1]); return
         st["identity"][i] = False
@@ -428,6 +468,10 @@ class InsideRunner:
         lay = _Layout(index, lv, torch.gather(image, 1, index.clamp(min=0)) & lv, hs.shape[1])
         g = index.clamp(min=0)
         lay.pe = tuple(_gather_rows(t, g, t.dim() - 2) for t in src["position_embeddings"])
+        if any(x is not None for x in groups):
+            none = torch.zeros(0, dtype=torch.long, device=keep.device)
+            lay.mix = [(none, none, none) if x is None else (torch.searchsorted(index[b], x[0]), x[1], x[2])
+                       for b, x in enumerate(groups)]     # a row of `index`: -1 padding, then increasing columns
         pid = src.get("position_ids")
         if isinstance(pid, Tensor) and pid.shape[-1] == L: lay.pos_ids = _gather_rows(pid, g, pid.dim() - 1)
         like = src.get("attention_mask")

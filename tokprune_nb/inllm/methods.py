@@ -27,10 +27,11 @@ def layer_shares(policy:InLLMPolicy, n_layers:int)->list:
     if not isinstance(policy, InLLMPolicy): raise TypeError(f"`policy` must be an in-LLM policy instance, got {policy!r}")
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"`n_layers` must be a positive int, got {n_layers!r}")
-    at = {s.layer: s.keep for s in policy.stages(n_layers)}
+    at = {s.layer: s for s in policy.stages(n_layers)}
     out, f = [], 1.0
     for l in range(n_layers):
-        f *= at.get(l, 1.0); out.append(f)
+        if l in at: f = policy.nominal_after(at[l], f)   # survivors (and recycled tokens, SparseVLM)
+        out.append(f)
     return out
 
 def image_share(policy:InLLMPolicy, n_layers:int)->float:
@@ -80,7 +81,7 @@ def equal_flops(
         return PyramidDrop(**fixed, ratio=lam)
     layers = fixed.get("layers")
     base = schedule if schedule is not None else SparseVLM().keep[:len(layers) if layers is not None else None]
-    base = SparseVLM(keep=base, layers=layers).keep                     # validated
+    base = SparseVLM(keep=base, **fixed).keep                     # validated
     sched = lambda c: tuple(min(1.0, c * a) for a in base)
-    c = _bisect(lambda c: share(SparseVLM(keep=sched(c), layers=layers)), 1e-9, 1 / min(base), keep, "SparseVLM")
-    return SparseVLM(keep=sched(c), layers=layers)
+    c = _bisect(lambda c: share(SparseVLM(keep=sched(c), **fixed)), 1e-9, 1 / min(base), keep, "SparseVLM")
+    return SparseVLM(keep=sched(c), **fixed)

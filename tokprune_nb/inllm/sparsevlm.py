@@ -11,7 +11,8 @@ from .base import InLLMPolicy, Stage, Scoring, query_attention, top_image_tokens
 from .pdrop import _check_layers, _check_share
 
 # %% auto #0
-__all__ = ['PUBLISHED', 'text_raters', 'scaled_layers', 'SparseVLM']
+__all__ = ['PUBLISHED', 'RECYCLE_POOL', 'RECYCLE_PER_CENTRE', 'text_raters', 'scaled_layers', 'recycle_sizes',
+           'recycle_sizes_of_pool', 'density_peaks', 'SparseVLM']
 
 # %% ../../nbs/inllm/sparsevlm.ipynb #4e7173c5
 def text_raters(
@@ -41,10 +42,47 @@ def scaled_layers(n_layers:int, published:tuple=(2, 6, 15))->tuple:
     "SparseVLM's scoring layers for a decoder of `n_layers` layers: `round(p·n_layers/32)`."
     return tuple(int(math.floor(p * n_layers / 32 + 0.5)) for p in published)
 
-# %% ../../nbs/inllm/sparsevlm.ipynb #eebd99d8
+# %% ../../nbs/inllm/sparsevlm.ipynb #53183035
+RECYCLE_POOL, RECYCLE_PER_CENTRE = 0.3, 10   # recycling: the best 30% (+1) of the dropped tokens, one centre per 10 (+1)
+
+def recycle_sizes(n_dropped:int)->tuple:
+    "SparseVLM's recycling sizes for `n_dropped` dropped tokens: (pooled tokens `m`, centres `R`); (0, 0) when none is dropped."
+    if n_dropped <= 0: return 0, 0
+    m = (3 * n_dropped) // 10 + 1            # ⌊0.3·d⌋ + 1 in integers
+    return m, recycle_sizes_of_pool(m)
+
+def recycle_sizes_of_pool(m:int)->int:
+    "Centres for a pool of `m` tokens: `⌊m/10⌋ + 1`."
+    return m // RECYCLE_PER_CENTRE + 1
+
+def density_peaks(
+    h:Tensor,   # [m,D] the pooled tokens' hidden states
+    R:int,      # centres
+)->tuple:       # (centre rows [R], cluster id of each row [m]; a centre is in its own cluster)
+    "DPC-kNN clustering: density from the `R` nearest, centres by distance-to-denser × density, nearest-centre assignment."
+    m, D = h.shape
+    if not 1 <= R <= m: raise ValueError(f"`R` must be in [1, {m}] for {m} tokens, got {R}")
+    x = h.float(); sq = (x * x).sum(-1)
+    d2 = ((sq[:, None] + sq[None] - 2 * (x @ x.T)) / D).clamp(min=0)   # squared distance / D (as the official code)
+    tally(m * m * D)
+    d2 = d2.masked_fill(torch.eye(m, dtype=torch.bool, device=h.device), 0.0)   # exact zeros on the diagonal
+    dens = torch.exp(-d2.topk(R, dim=-1, largest=False).values.mean(-1))
+    i = torch.arange(m, device=h.device)
+    denser = (dens[None] > dens[:, None]) | ((dens[None] == dens[:, None]) & (i[None] < i[:, None]))   # [i,j]: j outranks i
+    dist = d2.sqrt()
+    delta = torch.where(denser, dist, torch.full_like(dist, float("inf"))).amin(-1)
+    delta = torch.where(torch.isinf(delta), dist.max(), delta)                   # the densest: the largest distance
+    centre = torch.sort(-(delta * dens), stable=True).indices[:R]
+    cid = dist[:, centre].argmin(-1)                                             # ties: the first centre
+    cid[centre] = torch.arange(R, device=h.device)
+    return centre, cid
+
+# %% ../../nbs/inllm/sparsevlm.ipynb #a986dd62
 class SparseVLM(InLLMPolicy):
     "SparseVLM: after each scoring layer in `layers`, each sample keeps the `keep[i]` share of its original image tokens (the raters' choice)."
-    def __init__(self, keep:tuple=tuple(n / 576 for n in PUBLISHED[192]), layers:tuple=None):
+    def __init__(self, keep:tuple=tuple(n / 576 for n in PUBLISHED[192]), layers:tuple=None, recycle:bool=True):
+        if not isinstance(recycle, bool): raise TypeError(f"`recycle` must be a bool, got {recycle!r}")
+        self.recycle_on = recycle
         if not isinstance(keep, (tuple, list)) or not keep: raise TypeError(f"`keep` must be a non-empty tuple of floats, got {keep!r}")
         keep = tuple(_check_share(k, "keep") for k in keep)
         if any(b > a for a, b in zip(keep, keep[1:])): raise ValueError(f"`keep` must not increase from stage to stage, got {keep}")
@@ -52,11 +90,11 @@ class SparseVLM(InLLMPolicy):
         if self.layers is not None and len(self.layers) != len(keep):
             raise ValueError(f"`layers` ({len(self.layers)}) and `keep` ({len(keep)}) must have one entry per stage")
     @classmethod
-    def published(cls, tokens:int=192, layers:tuple=None):
+    def published(cls, tokens:int=192, layers:tuple=None, recycle:bool=True):
         "The official schedule for `tokens` ∈ {192, 128, 64} kept of LLaVA's 576, as shares."
         if tokens not in PUBLISHED: raise ValueError(f"`tokens` must be one of {sorted(PUBLISHED)}, got {tokens!r}")
-        return cls(keep=tuple(n / 576 for n in PUBLISHED[tokens]), layers=layers)
-    def _args(self): return dict(keep=self.keep, layers=self.layers)
+        return cls(keep=tuple(n / 576 for n in PUBLISHED[tokens]), layers=layers, recycle=recycle)
+    def _args(self): return dict(keep=self.keep, layers=self.layers, recycle=self.recycle_on)
     def resolve(self, n_layers:int)->tuple:
         "The scoring layers for a decoder of `n_layers` layers."
         ls = self.layers if self.layers is not None else scaled_layers(n_layers)[:len(self.keep)]
@@ -71,5 +109,21 @@ class SparseVLM(InLLMPolicy):
         return out
     def prepare(self, hidden, image, valid): return text_raters(hidden, image, valid)
     def select(self, x:Scoring)->list:
-        scores = query_attention(x.layer, x.hidden, x.position_embeddings, x.valid, x.queries, x.proj)
-        return top_image_tokens(scores, x.image, x.valid, x.stage)
+        x.scores = query_attention(x.layer, x.hidden, x.position_embeddings, x.valid, x.queries, x.proj)
+        return top_image_tokens(x.scores, x.image, x.valid, x.stage)
+    # ---- token recycling ----
+    def recycle(self, x:Scoring, kept:list):
+        "Per sample, the best-rated `⌊0.3·d⌋ + 1` of its `d` dropped image tokens (None when recycling is off)."
+        if not self.recycle_on: return None
+        out = []
+        for b, kb in enumerate(kept):
+            drop = x.image[b] & x.valid[b]; drop[kb] = False
+            cand = torch.nonzero(drop).flatten()
+            m, _ = recycle_sizes(cand.numel())
+            out.append(torch.sort(cand[torch.sort(-x.scores[b, cand], stable=True).indices[:m]]).values)
+        return out
+    def clusters(self, h:Tensor)->tuple: return density_peaks(h, recycle_sizes_of_pool(h.shape[0]))
+    def recycled(self, n_dropped:int)->int: return recycle_sizes(n_dropped)[1] if self.recycle_on else 0
+    def nominal_after(self, stage:Stage, share:float)->float:
+        rec = RECYCLE_POOL / RECYCLE_PER_CENTRE if self.recycle_on else 0.0   # the +1s left out (a nominal share)
+        return share * stage.keep + rec * share * (1 - stage.keep)

@@ -146,12 +146,14 @@ def tiny_inputs(
 
 class Recorder:
     """A policy wrapper for tests and lessons: `pruned(model, Recorder(policy))` runs `policy` and keeps every TokenSet
-    it is called with in `calls` (as the adapter passes it: one batched TokenSet per call when images are batched)."""
-    def __init__(self, policy): self.policy, self.calls = policy, []
+    it is called with in `calls` (as the adapter passes it: one batched TokenSet per call when images are batched), and
+    what it returned in `results` (indices, or a merging policy's `Reduction`)."""
+    def __init__(self, policy): self.policy, self.calls, self.results = policy, [], []
     def __getattr__(self, name):                  # budget, needs, wants, saliency_layer, ...: the wrapped policy's
-        if name in ("policy", "calls"): raise AttributeError(name)
+        if name in ("policy", "calls", "results"): raise AttributeError(name)
         return getattr(self.policy, name)
-    def __call__(self, ts): self.calls.append(ts); return self.policy(ts)
+    def __call__(self, ts):
+        self.calls.append(ts); out = self.policy(ts); self.results.append(out); return out
     def __repr__(self): return f"Recorder({self.policy!r})"
 
 def tiny_clip(model, seed:int=0)->tuple:
