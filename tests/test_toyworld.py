@@ -227,8 +227,6 @@ def test_shipped_model_meets_the_accuracy_targets(toy):
     assert {**asdict(tw.Recipe()), **toy.meta["recipe"]} == {**asdict(tw.Recipe()), "seed": toy.meta["seed"]}
 
 
-@pytest.mark.skipif(tw.Recipe().dropout != "independent", reason="the shipped model is toy world v1 (uniform dropout), "
-                    "known to count from the digit share; this is the target of toy world v2 (issue 17)")
 def test_shipped_model_answers_from_evidence(toy):
     """Toy world v2: keeping every digit patch and dropping background (the oracle) at keep 0.5 and 0.25 stays within
     3 points of the full model on every question type (700 held-out questions); random pruning at 0.11 loses >= 15."""

@@ -16,7 +16,7 @@ from .models import (
     FILLER_WORDS, WORDS, toy_tokenizer, toy_processor, pixel_values, build_toy, sync_tower,
     lm_inputs, _word_ids, _tower_tokens, _lm_hidden)
 from .evaluate import predict, accuracy_table, val_accuracy
-from .io import Toy, save_toy, git_commit
+from .io import Toy, save_toy, git_commit, load_toy
 
 # %% auto #0
 __all__ = ['DROPOUTS', 'Recipe', 'dense_captions', 'scene_caption', 'train_vision', 'vision_probe', 'visual_codes',
@@ -41,11 +41,11 @@ class Recipe:
     warm_steps: int = 300       # stage 3 starts with colour questions only (the retrieval circuit forms there) ...
     warm_keep: int = 16         # ... on this many visual tokens (one of every digit, the rest random)
     ramp_steps: int = 500       # then all question types, the visual tokens growing to all 144 over these steps
-    drop_prob: float = 0.5      # after the ramp: share of batches with random token dropout (v2 experiment: 0.7)
+    drop_prob: float = 0.7      # after the ramp: share of batches with token dropout (v1: 0.5)
     min_keep: int = 12          # fewest visual tokens kept by the "uniform" dropout
-    dropout: str = "uniform"    # "uniform" (v1, shipped); "independent" (v2 experiment): digit/background rates drawn apart
-    obj_keep_min: float = 0.3   # "independent": a digit patch survives at rate U(obj_keep_min, 1) ...
-    obj_full_prob: float = 0.5  # ... or, in this share of images, every digit patch survives
+    dropout: str = "independent"  # "independent" (v2, shipped): digit/background rates drawn apart; "uniform" (v1): digit share kept
+    obj_keep_min: float = 0.3   # "independent": where not all survive, a digit patch survives at rate U(obj_keep_min, 1) ...
+    obj_full_prob: float = 1.0  # ... and in this share of images every digit patch survives (v2: all; background varies alone)
     turns: int = 4              # questions per training conversation (multi-turn, as in LLaVA's data)
     clutter: float = 0.5        # probability of clutter in a training scene
     augment: bool = True        # warp the scans a little in the vision stage
@@ -328,17 +328,34 @@ def train_toy(
     recipe:Recipe=None,   # hyper-parameters (default: the shipped model's)
     n_test:int=700,       # held-out test examples for the final report (100 per type)
     log=print,            # progress printer (None: silent)
+    stages_from=None,     # a `Toy` (or its directory) whose stages 1-2 are reused: only the LM is trained (None: all stages)
 )->Toy:
-    "Train the toy CLIP and LLaVA from scratch with the staged recipe; evaluate on test scenes; save."
+    """Train the toy CLIP and LLaVA from scratch with the staged recipe; evaluate on test scenes; save. With `stages_from`,
+    the CLIP, the LLaVA tower, projector and word embeddings are that model's, and only stage 3 runs (the Llama and
+    `lm_head` freshly initialised from `recipe.seed`, exactly as in a run from scratch): a new LM recipe on fixed
+    vision, in a third of the time."""
     import transformers
     r = recipe or Recipe()
     torch.set_num_threads(r.threads)
     t0 = time.time()
     clip, llava = build_toy(r.seed, lm_layers=r.lm_layers, lm_heads=r.lm_heads)
-    h1 = train_vision(clip, r, log)
-    sync_tower(clip, llava)
-    for p in llava.model.vision_tower.parameters(): p.requires_grad_(False)
-    h2 = train_projector(llava, r, log)
+    src = stages_from if stages_from is None or isinstance(stages_from, Toy) else load_toy(stages_from)
+    if src is None:
+        h1 = train_vision(clip, r, log)
+        sync_tower(clip, llava)
+        for p in llava.model.vision_tower.parameters(): p.requires_grad_(False)
+        h2 = train_projector(llava, r, log)
+    else:
+        if src.llava.config.text_config.hidden_size != llava.config.text_config.hidden_size:
+            raise ValueError("`stages_from`: its projector writes a different LLM width than the recipe's")
+        clip.load_state_dict(src.clip.state_dict())
+        llava.model.vision_tower.load_state_dict(src.llava.model.vision_tower.state_dict())
+        llava.model.multi_modal_projector.load_state_dict(src.llava.model.multi_modal_projector.state_dict())
+        llava.get_input_embeddings().load_state_dict(src.llava.get_input_embeddings().state_dict())
+        for p in llava.model.vision_tower.parameters(): p.requires_grad_(False)
+        h1 = [x for x in src.meta.get("history", []) if x.get("stage") in ("vision", "vision_probe")]
+        h2 = [x for x in src.meta.get("history", []) if x.get("stage") == "projector"]
+        _log(log, f"stages 1-2 from the model of commit {src.meta.get('commit', '?')[:10]} (seed {src.meta.get('seed')})")
     h3, vh = train_lm(llava, r, log)
     train_s = time.time() - t0
     proc = toy_processor()
@@ -352,6 +369,10 @@ def train_toy(
             "torch": torch.__version__, "transformers": transformers.__version__,
             "n_test": n_test, "test": acc, "val_history": vh,
             "history": every(h1, 10) + every(h2, 10) + every(h3, 10)}
+    if src is not None:
+        last = lambda h: max((x.get("time", 0.0) for x in h), default=0.0)
+        meta["stages_from"] = {"commit": src.meta.get("commit"), "seed": src.meta.get("seed"),
+                               "vision_projector_seconds": round(last(h1) + last(h2), 1)}
     toy = Toy(llava.eval(), proc, clip.eval(), toy_tokenizer("right", clip=True), meta)
     if out is not None:
         save_toy(toy, out); _log(log, f"saved to {out}  ({train_s / 60:.1f} min of training)")
@@ -372,14 +393,20 @@ def main(argv=None)->int:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--dropout", choices=DROPOUTS, default=d.dropout, help="LM-stage token dropout: uniform (v1, shipped) or independent digit/background rates (v2)")
     p.add_argument("--drop-prob", type=float, default=d.drop_prob, help="share of LM batches with token dropout after the ramp")
+    p.add_argument("--obj-full-prob", type=float, default=d.obj_full_prob, help="independent dropout: share of images that keep every digit patch")
+    p.add_argument("--obj-keep-min", type=float, default=d.obj_keep_min, help="independent dropout: otherwise digit patches survive at U(this, 1)")
+    p.add_argument("--lm-layers", type=int, default=d.lm_layers, help="Llama depth")
+    p.add_argument("--from", dest="stages_from", default=None, metavar="DIR",
+                   help="reuse stages 1-2 (CLIP, tower, projector) of the toy model in DIR and train only the LM")
     p.add_argument("--n-test", type=int, default=700, help="test examples evaluated at the end")
     p.add_argument("--quick", action="store_true", help="a 1-minute smoke run (few steps; the model is useless)")
     a = p.parse_args(argv)
     r = Recipe(seed=a.seed, batch=a.batch, vision_steps=a.vision_steps, projector_steps=a.projector_steps,
-               lm_steps=a.lm_steps, threads=a.threads, dropout=a.dropout, drop_prob=a.drop_prob)
+               lm_steps=a.lm_steps, threads=a.threads, dropout=a.dropout, drop_prob=a.drop_prob,
+               obj_full_prob=a.obj_full_prob, obj_keep_min=a.obj_keep_min, lm_layers=a.lm_layers)
     if a.quick:
         r = Recipe(seed=a.seed, batch=8, vision_steps=5, projector_steps=3, lm_steps=6, warm_steps=2, ramp_steps=2,
-                   eval_every=3, n_val=14, threads=a.threads, dropout=a.dropout)
+                   eval_every=3, n_val=14, threads=a.threads, dropout=a.dropout, lm_layers=a.lm_layers)
         a.n_test = min(a.n_test, 14)
-    train_toy(a.out, r, n_test=a.n_test)
+    train_toy(a.out, r, n_test=a.n_test, stages_from=a.stages_from)
     return 0
