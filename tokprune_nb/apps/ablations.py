@@ -14,14 +14,15 @@ from ..merging import MERGING
 from ..inllm.methods import INSIDE
 from ..inject import pruned, last_selection
 from ..toyworld import (Toy, load_toy, make_examples, render, predict, N_PATCHES, CANVAS, PATCH,
-                                  QUESTION_TYPES, git_commit)
+                                  QUESTION_TYPES, git_commit, ORACLES)
 from .demo import evaluate, make_policy
 from .widgets import overlay
 
 # %% auto #0
 __all__ = ['KEEPS', 'FRACS', 'ALPHAS', 'MERGE_KEEPS', 'MERGE_POLICIES', 'INSIDE_KEEPS', 'RESULTS_CSV', 'sweep', 'zspa_configs',
-           'atp_configs', 'baseline_configs', 'merge_configs', 'inside_configs', 'run_ablations', 'load_results',
-           'plot_param', 'plot_policies', 'merge_table', 'kept_patches', 'plot_overlay', 'recommend_relevance_frac']
+           'atp_configs', 'baseline_configs', 'oracle_configs', 'merge_configs', 'inside_configs', 'run_ablations',
+           'load_results', 'plot_param', 'plot_policies', 'merge_table', 'kept_patches', 'plot_overlay',
+           'recommend_relevance_frac']
 
 # %% ../../nbs/apps/ablations.ipynb #34ea1120
 def sweep(
@@ -61,6 +62,10 @@ def baseline_configs(keeps=KEEPS)->list:
     "Every other policy at its defaults."
     return [dict(policy=p, keep=k) for k in keeps for p in POLICIES if p not in ("zspaprune", "atp")]
 
+def oracle_configs(keeps=KEEPS)->list:
+    "The evidence oracles (every digit patch, or half of them, + random background): the reference lines."
+    return [dict(policy=o, keep=k) for k in keeps for o in ORACLES]
+
 MERGE_KEEPS = (0.25, 0.11, 0.05)
 MERGE_POLICIES = ("zspaprune", "atp", "divprune", "dpp", "kmeans", "random", "uniform")
 
@@ -90,7 +95,8 @@ def run_ablations(
     "The whole ablation sweep (ZSPAPrune, ATP and the baselines), written to `out` with its seed and commit."
     toy = toy or load_toy()
     ex = make_examples("test", n, seed=seed)
-    cfgs = zspa_configs(keeps=keeps) + atp_configs(keeps=keeps) + baseline_configs(keeps) + merge_configs() + inside_configs()
+    cfgs = (zspa_configs(keeps=keeps) + atp_configs(keeps=keeps) + baseline_configs(keeps) + oracle_configs(keeps)
+            + merge_configs() + inside_configs())
     for c in cfgs:
         if c["policy"] in ("zspaprune", "random", "kmeans"): c.setdefault("seed", seed)
     t0 = time.time()
@@ -140,7 +146,7 @@ def plot_policies(df:pd.DataFrame, groups=("all", "local", "global"), extra:dict
     "Accuracy vs kept tokens for the defaults of every policy, per family (`extra`: label -> query of more lines)."
     import seaborn as sns
     d = df[df.group.isin(groups)]
-    base = d[d.policy.isin([p for p in POLICIES if p not in ("zspaprune", "atp")])].assign(label=lambda x: x.policy)
+    base = d[d.policy.isin([p for p in POLICIES if p not in ("zspaprune", "atp")] + list(ORACLES))].assign(label=lambda x: x.policy)
     parts = [base]
     for label, q in (extra or {}).items(): parts.append(d.query(q, engine="python").assign(label=label))
     d = pd.concat(parts, ignore_index=True)
