@@ -411,6 +411,19 @@ def test_scorer_before_its_stage_reuses_the_layers_own_projections(make, monkeyp
     assert res[True][1] * 4 <= res[False][1]
 
 
+def test_timed_scoring_includes_the_recycling(fx):
+    "`tokprune bench` times every scoring call of an in-LLM policy: SparseVLM's recycling pool and DPC-kNN clusters too."
+    from collections import Counter
+    from tokprune_nb.measure.bench import TimedInside
+    tp, calls = TimedInside(SparseVLM(keep=(0.5, 0.25, 0.125))), Counter()
+    for name in ("select", "prepare", "recycle", "clusters"):
+        def spy(*a, _f=getattr(tp.policy, name), _n=name, **kw): calls[_n] += 1; return _f(*a, **kw)
+        setattr(tp.policy, name, spy)
+    with pruned(fx.model, None, inside=tp.policy): fx.model(**fx.x)
+    assert calls["clusters"] > 0 and calls["recycle"] == calls["select"] == 3
+    assert len(tp.times) == sum(calls.values())          # each call timed once
+
+
 def test_sparsevlm_recycles_dropped_tokens_as_their_cluster_means(fx):
     """SparseVLM's token recycling, every supported family: the pool is each sample's best-rated ⌊0.3·d⌋ + 1 dropped
     image tokens; each cluster becomes one token at its centre's column holding the cluster's mean hidden state (as it

@@ -108,12 +108,21 @@ def _row_keys(X:Tensor)->Tensor:
             torch.sum(torch.mul(X[b, s:e], w, out=buf[:e - s]), -1, out=out[b, s:e])
     return out
 
+def _no_copies(X:Tensor, valid:Tensor, cols:int=64)->bool:
+    """True when no image of `X [B,N,D]` can hold two equal valid tokens, judged from their first `cols` features
+    alone: copies agree there, so distinct keys of those columns rule copies out (distinct tokens almost never agree
+    on all of them; when some do, `_first_copies` keys every feature as before). A cheap first look, for wide tokens."""
+    if X.shape[-1] <= 2 * cols: return False
+    kv = _row_keys(X[..., :cols]).masked_fill(~valid, math.inf).sort(-1).values
+    return not bool(((kv[:, 1:] == kv[:, :-1]) & (kv[:, 1:] < math.inf)).any())
+
 def _first_copies(X:Tensor, valid:Tensor)->Tensor|None:
     """For every token of `X [B,N,D]`, the first valid token equal to it (itself when none is earlier), `[B,N]`;
     None when no image has two equal valid tokens. Equal tokens are interchangeable, but BLAS rounds a token's dot
     products by its place in a block of rows, so copies of one token get distances that differ in the last bits;
     the selection loops copy every token's values from its first copy (`v.gather(-1, first)`) so that ties between
     copies go to the earlier token. Candidates share a key (`_row_keys`); they are then compared element by element."""
+    if _no_copies(X, valid): return None
     B, N, _ = X.shape
     keys, first = _row_keys(X), None
     for b in range(B):

@@ -142,9 +142,9 @@ def _gather_rows(t:Tensor, idx:Tensor, dim:int)->Tensor:
     return torch.gather(t, dim, idx.view(view).expand(full))
 
 def _rope_one(layer, t:Tensor, cos:Tensor, sin:Tensor)->Tensor:
-    "The layer's own rotary embedding applied to one tensor `[B,H,R,dh]`."
+    "The layer's own rotary embedding applied to one tensor `[B,H,R,dh]` (its partner argument: one head, not a second copy)."
     rope = sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
-    return rope(t, t, cos, sin)[0]
+    return rope(t, t[:, :1], cos, sin)[0]
 
 def layer_keys(layer, hidden:Tensor, position_embeddings:tuple, proj:dict=None)->Tensor:
     """Rotated keys `[B,Hkv,L,dh]` the decoder `layer` computes for its input `hidden` `[B,L,D]` (what it caches);

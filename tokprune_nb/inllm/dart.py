@@ -37,16 +37,19 @@ def dart_select(
     pivots = torch.cat([piv, _top(norms[txt], txt, min(n_text_pivots, txt.numel()))])
     rest = k - piv.numel()
     quota = [rest // pivots.numel() + (i < rest % pivots.numel()) for i in range(pivots.numel())]
-    h = F.normalize(hidden.float(), dim=-1)
-    pool = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-    pool[piv] = False; pool &= image
+    pool = image.clone(); pool[piv] = False
+    rows = torch.nonzero(pool).flatten()                            # the candidates: image tokens that are not pivots
+    h = F.normalize(hidden[torch.cat([rows, pivots])].float(), dim=-1)   # each row normalised alone: as for all rows
+    H, R = h[:rows.numel()], rows.numel()
+    taken = torch.zeros(R, dtype=torch.bool, device=hidden.device)
+    every = torch.arange(R, device=hidden.device)
     chosen = [piv]
-    for p, q in zip(pivots.tolist(), quota):
+    for i, q in enumerate(quota):                                   # pivot by pivot, from what earlier pivots left
         if q == 0: continue
-        cand = torch.nonzero(pool).flatten()
-        pick = _top(h[cand] @ h[p], cand, q, largest=False)
-        tally(cand.numel() * h.shape[1])
-        pool[pick] = False; chosen.append(pick)
+        sims = H @ h[R + i]                                         # one product per pivot over every candidate (no row copies)
+        tally(R * h.shape[1])
+        pick = _top(sims.masked_fill_(taken, float("inf")), every, q, largest=False)   # ties: the earliest token
+        taken[pick] = True; chosen.append(rows[pick])
     return torch.sort(torch.cat(chosen)).values
 
 # %% ../../nbs/inllm/dart.ipynb #ffed6296

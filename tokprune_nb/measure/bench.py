@@ -258,11 +258,12 @@ def make_inside(name:str, keep, n_layers:int):
     return equal_flops(name, keep, n_layers, **SHALLOW[name](n_layers))
 
 class TimedInside:
-    "A copy of an in-LLM policy whose `select`/`prepare` calls are timed (device synchronised) into `times`."
+    """A copy of an in-LLM policy whose scoring calls are timed (device synchronised) into `times`: `select`, `prepare`,
+    and token recycling's `recycle` / `clusters` (SparseVLM's pool and DPC-kNN, which run when a stage's layout is built)."""
     def __init__(self, policy, device="cpu"):
         import copy
         self.policy, self.device, self.times = copy.copy(policy), device, []
-        for k in ("select", "prepare"): setattr(self.policy, k, self._timed(getattr(self.policy, k)))
+        for k in ("select", "prepare", "recycle", "clusters"): setattr(self.policy, k, self._timed(getattr(self.policy, k)))
     def _timed(self, fn):
         def call(*a, **kw):
             with Timer(self.device) as t: out = fn(*a, **kw)

@@ -10,8 +10,8 @@ import transformers
 from .tokenizers import word_tokenizer
 
 # %% auto #0
-__all__ = ['WORDS', 'QWEN_SPECIALS', 'QWEN_WORDS', 'QWEN_TEMPLATE', 'tiny_images', 'llava_tokenizer', 'tiny_llava', 'mid_llava',
-           'tiny_llava_next', 'mid_llava_next', 'tiny_inputs', 'Recorder', 'tiny_clip', 'llava_offline',
+__all__ = ['WORDS', 'QWEN_SPECIALS', 'QWEN_WORDS', 'QWEN_TEMPLATE', 'tiny_images', 'llava_tokenizer', 'tiny_model', 'tiny_llava',
+           'mid_llava', 'tiny_llava_next', 'mid_llava_next', 'tiny_inputs', 'Recorder', 'tiny_clip', 'llava_offline',
            'qwen_tokenizer', 'OfflineQwen2_5_VLProcessor', 'qwen_offline', 'tiny_qwen2_5_vl', 'mid_qwen2_5_vl',
            'tiny_qwen_inputs']
 
@@ -54,6 +54,15 @@ def _vision_config(image_size=28, patch_size=7, hidden=32, layers=2, heads=4, in
                             num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
                             projection_dim=projection_dim)
 
+def tiny_model(cls, cfg, seed:int, attn_implementation:str, pad_token_id:int=None):
+    """`cls(cfg)` in eval mode: attention kernel `attn_implementation`, weights drawn after `torch.manual_seed(seed)`,
+    and `generate`'s pad token (default: the text config's). The common tail of every tiny builder."""
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    model.generation_config.pad_token_id = cfg.get_text_config().pad_token_id if pad_token_id is None else pad_token_id
+    return model
+
 def tiny_llava(
     seed:int=0,                      # torch seed of the random weights
     *,
@@ -72,10 +81,7 @@ def tiny_llava(
                       text_config=_text_config(vocab_size or len(tok), text_hidden, text_layers, inter=2 * text_hidden),
                       image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=vision_feature_layer,
                       vision_feature_select_strategy=vision_feature_select_strategy)
-    cfg._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
+    model = tiny_model(LlavaForConditionalGeneration, cfg, seed, attn_implementation, pad_token_id=tok.pad_token_id)
     ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch_size, num_additional_image_tokens=1,
                           vision_feature_select_strategy=vision_feature_select_strategy)
@@ -107,10 +113,7 @@ def tiny_llava_next(
                           image_token_id=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pins,
                           vision_feature_layer=vision_feature_layer,
                           vision_feature_select_strategy=vision_feature_select_strategy)
-    cfg._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
+    model = tiny_model(LlavaNextForConditionalGeneration, cfg, seed, attn_implementation, pad_token_id=tok.pad_token_id)
     ip = LlavaNextImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
                                     image_grid_pinpoints=pins)
     proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=patch_size, num_additional_image_tokens=1,
@@ -251,11 +254,7 @@ def tiny_qwen2_5_vl(
                            fullatt_block_indexes=[b for b in range(vision_depth) if b % 4 == 3] or [vision_depth - 1],
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2))
     proc = qwen_offline(cfg, max_image_size, min_image_size=56)
-    cfg._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = cfg.get_text_config().pad_token_id
-    return model, proc
+    return tiny_model(Qwen2_5_VLForConditionalGeneration, cfg, seed, attn_implementation), proc
 
 def mid_qwen2_5_vl(seed:int=0, text_hidden:int=512, **overrides):
     "Qwen2.5-VL token geometry at 672² px (576 merged visual tokens) with a small random LLM (`text_hidden` wide), for timing."

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import transformers
 from .tokenizers import word_tokenizer
-from .tiny import QWEN_WORDS
+from .tiny import QWEN_WORDS, tiny_model
 
 # %% auto #0
 __all__ = ['GEMMA_SPECIALS', 'GEMMA_TEMPLATE', 'gemma_tokenizer', 'gemma3_offline', 'tiny_gemma3', 'mid_gemma3']
@@ -68,13 +68,10 @@ def tiny_gemma3(
                            image_size=image_size, patch_size=patch_size, vision_use_head=False),
         mm_tokens_per_image=tokens_per_side ** 2, tie_word_embeddings=True)
     proc = gemma3_offline(cfg)
-    cfg._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(cfg).eval()
+    model = tiny_model(Gemma3ForConditionalGeneration, cfg, seed, attn_implementation)
     with torch.no_grad():      # transformers initialises the projection to zeros (every image token would be 0): draw it
         w = model.model.multi_modal_projector.mm_input_projection_weight
         w.normal_(0.0, w.shape[0] ** -0.5)
-    model.generation_config.pad_token_id = cfg.get_text_config().pad_token_id
     return model, proc
 
 def mid_gemma3(seed:int=0, text_hidden:int=512, **overrides):

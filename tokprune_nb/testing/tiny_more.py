@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import transformers
 from .tokenizers import word_tokenizer
-from .tiny import QWEN_SPECIALS, QWEN_WORDS, tiny_images
+from .tiny import QWEN_SPECIALS, QWEN_WORDS, tiny_images, tiny_model
 
 # %% auto #0
 __all__ = ['ONEVISION_TEMPLATE', 'INTERNVL_TEMPLATE', 'ONEVISION_SPECIALS', 'INTERNVL_SPECIALS', 'more_tokenizer',
@@ -90,12 +90,6 @@ def _qwen2_text(hidden:int, layers:int, vocab:int)->dict:
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                 max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
-def _finish(cls, cfg, proc, seed, attn_implementation):
-    cfg._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    model.generation_config.pad_token_id = cfg.get_text_config().pad_token_id
-    return model, proc
 
 def tiny_llava_onevision(
     seed:int=0,                # torch seed of the random weights
@@ -118,7 +112,7 @@ def tiny_llava_onevision(
         text_config=_qwen2_text(hidden, layers, 64), image_grid_pinpoints=pins, vision_feature_layer=-1,
         vision_feature_select_strategy="full", vision_aspect_ratio=vision_aspect_ratio, tie_word_embeddings=False)
     proc = onevision_offline(cfg)
-    return _finish(LlavaOnevisionForConditionalGeneration, cfg, proc, seed, attn_implementation)
+    return tiny_model(LlavaOnevisionForConditionalGeneration, cfg, seed, attn_implementation), proc
 
 def mid_llava_onevision(seed:int=0, text_hidden:int=512, **overrides):
     "LLaVA-OneVision token geometry (384 px / 14 px SigLIP → 729 tokens per crop) with a small random LLM, for timing."
@@ -146,7 +140,7 @@ def tiny_internvl(
         vision_feature_select_strategy="default", tie_word_embeddings=False)
     proc = internvl_offline(cfg, max_patches=max_patches)
     cfg.image_seq_length = proc.image_seq_length
-    return _finish(InternVLForConditionalGeneration, cfg, proc, seed, attn_implementation)
+    return tiny_model(InternVLForConditionalGeneration, cfg, seed, attn_implementation), proc
 
 def mid_internvl(seed:int=0, text_hidden:int=512, **overrides):
     "InternVL3 token geometry (448 px tiles, 14 px patches, pixel shuffle 0.5 → 256 tokens per tile) with a small random LLM."

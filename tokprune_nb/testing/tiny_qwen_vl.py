@@ -6,7 +6,7 @@
 from __future__ import annotations
 import torch
 import transformers
-from .tiny import qwen_tokenizer, QWEN_TEMPLATE, _qwen_ids, tiny_qwen_inputs
+from .tiny import qwen_tokenizer, QWEN_TEMPLATE, _qwen_ids, tiny_qwen_inputs, tiny_model
 
 # %% auto #0
 __all__ = ['OfflineQwen2VLProcessor', 'OfflineQwen3VLProcessor', 'qwen2_vl_offline', 'qwen3_vl_offline', 'tiny_qwen2_vl',
@@ -52,13 +52,6 @@ def qwen3_vl_offline(config, image_size:int, min_image_size:int=None):
     return OfflineQwen3VLProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
 
 # %% ../../nbs/testing/tiny_qwen_vl.ipynb #b2e9476f
-def _finish(cls, cfg, proc, seed, attn_implementation):
-    cfg._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    model.generation_config.pad_token_id = cfg.get_text_config().pad_token_id
-    return model, proc
-
 def tiny_qwen2_vl(
     seed:int=0,              # torch seed for the random initialisation
     hidden:int=64,           # language-model width (also the merger's output width)
@@ -81,7 +74,7 @@ def tiny_qwen2_vl(
                            num_heads=max(1, vision_hidden // 16), patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2, hidden_act="quick_gelu"))
     proc = qwen2_vl_offline(cfg, max_image_size, min_image_size=56)
-    return _finish(Qwen2VLForConditionalGeneration, cfg, proc, seed, attn_implementation)
+    return tiny_model(Qwen2VLForConditionalGeneration, cfg, seed, attn_implementation), proc
 
 def mid_qwen2_vl(seed:int=0, text_hidden:int=512, **overrides):
     "Qwen2-VL token geometry at 672² px (576 merged visual tokens) with a small random LLM (`text_hidden` wide), for timing."
@@ -117,7 +110,7 @@ def tiny_qwen3_vl(
                            deepstack_visual_indexes=list(deepstack), hidden_act="gelu_pytorch_tanh"),
         tie_word_embeddings=False)
     proc = qwen3_vl_offline(cfg, max_image_size, min_image_size=64)
-    return _finish(Qwen3VLForConditionalGeneration, cfg, proc, seed, attn_implementation)
+    return tiny_model(Qwen3VLForConditionalGeneration, cfg, seed, attn_implementation), proc
 
 def mid_qwen3_vl(seed:int=0, text_hidden:int=512, **overrides):
     "Qwen3-VL token geometry at 768² px (576 merged visual tokens, 48² learned positions) with a small random LLM, for timing."
@@ -157,7 +150,7 @@ def tiny_qwen3_5(
                            hidden_act="gelu_pytorch_tanh"),
         tie_word_embeddings=False)
     proc = qwen3_vl_offline(cfg, max_image_size, min_image_size=64)
-    return _finish(Qwen3_5ForConditionalGeneration, cfg, proc, seed, attn_implementation)
+    return tiny_model(Qwen3_5ForConditionalGeneration, cfg, seed, attn_implementation), proc
 
 def mid_qwen3_5(seed:int=0, text_hidden:int=512, **overrides):
     "Qwen3.5 token geometry at 768² px (576 merged visual tokens, 48² learned positions) with a small random hybrid LLM, for timing."

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import transformers
 from .tokenizers import word_tokenizer
-from .tiny import QWEN_WORDS
+from .tiny import QWEN_WORDS, tiny_model
 
 # %% auto #0
 __all__ = ['SMOLVLM_MAX_GRID', 'SMOLVLM_SPECIALS', 'SMOLVLM_TEMPLATE', 'smolvlm_tokenizer', 'OfflineSmolVLMProcessor',
@@ -80,11 +80,7 @@ def tiny_smolvlm(
                            num_attention_heads=max(1, vision_hidden // 16), image_size=tile, patch_size=patch_size),
         scale_factor=scale_factor, tie_word_embeddings=False)
     proc = smolvlm_offline(cfg, image_size)
-    cfg._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = SmolVLMForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = cfg.get_text_config().pad_token_id
-    return model, proc
+    return tiny_model(SmolVLMForConditionalGeneration, cfg, seed, attn_implementation), proc
 
 def mid_smolvlm(seed:int=0, text_hidden:int=512, **overrides):
     "SmolVLM2 token geometry (512-px tiles, 16-px patches, pixel shuffle 4: 64 tokens per tile; 1024 px → 2×2 + global) with a small LLM."
