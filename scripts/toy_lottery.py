@@ -1,8 +1,8 @@
 """Seed lottery of the toy world v2 LM recipe (issue 17): score LM-stage runs of several seeds against the targets.
 
 Each run is the shipped model's stages 1-2 (CLIP, tower, projector, word embeddings) with the language model and
-`lm_head` of one seed: `shipped` (the shipped model itself) or a directory written by `scripts/toy_v2_probe.py`
-(`lm.pt`, `probe.json`). Every run is measured like `tests/test_toyworld.py` measures the shipped model: 700
+`lm_head` of one seed: `shipped` (the shipped model itself), a directory written by `tokprune train-toy --from`
+(a whole toy model), or one written by `scripts/toy_v2_probe.py` (`lm.pt`, `probe.json`). Every run is measured like `tests/test_toyworld.py` measures the shipped model: 700
 held-out test questions through the processor and `generate` (`apps.demo.evaluate`), full model, the evidence
 oracle at keep 0.5 and 0.25, random pruning at keep 0.11.
 
@@ -17,9 +17,13 @@ from tokprune_nb.apps.demo import evaluate, make_policy
 TARGETS = dict(full_overall=0.95, full_per_type=0.90, oracle_gap=0.03, random_loss=0.15)
 
 def load_run(spec:str):
-    "The toy model of one run: `shipped`, or the shipped model with the LM of a probe directory."
+    """The toy model of one run: `shipped`; a `tokprune train-toy` output directory (`toy.json`); or the shipped
+    model with the LM of a `toy_v2_probe.py` directory (`lm.pt`, `probe.json`)."""
+    if spec != "shipped" and os.path.exists(os.path.join(spec, "toy.json")):
+        toy = tw.load_toy(spec)
+        return toy, {"source": spec, "train_s": toy.meta.get("train_seconds"), "recipe": toy.meta.get("recipe")}
     toy = tw.load_toy()
-    if spec == "shipped": return toy, {"source": "shipped", "train_s": toy.meta.get("train_seconds")}
+    if spec == "shipped": return toy, {"source": "shipped", "train_s": toy.meta.get("train_seconds"), "recipe": toy.meta.get("recipe")}
     sd = torch.load(os.path.join(spec, "lm.pt"))
     toy.llava.model.language_model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("lm_head.")})
     toy.llava.lm_head.load_state_dict({k[len("lm_head."):]: v for k, v in sd.items() if k.startswith("lm_head.")})
@@ -42,7 +46,9 @@ def score(toy, n:int=700)->dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", action="append", required=True, help="SEED=shipped or SEED=DIR (a toy_v2_probe.py output)")
+    p.add_argument("--run", action="append", required=True,
+                   help="SEED=shipped or SEED=DIR (a `tokprune train-toy` or toy_v2_probe.py output)")
+    p.add_argument("--note", default=None, help="how the runs were trained (stored in the JSON)")
     p.add_argument("--n-test", type=int, default=700); p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", required=True)
     a = p.parse_args()
@@ -60,6 +66,7 @@ def main():
               for c in ("full", "oracle@0.5", "oracle@0.25")}
     res = dict(targets=TARGETS, n_test=a.n_test, machine=f"{os.uname().machine}-cpu-{os.cpu_count()}core",
                runs=runs, spread=spread, seeds_meeting=sum(r["meets"] for r in runs), seeds=len(runs))
+    if a.note: res["note"] = a.note
     with open(a.json, "w") as f: json.dump(res, f, indent=1)
     print(f"{res['seeds_meeting']} of {res['seeds']} seeds meet every target -> {a.json}")
 

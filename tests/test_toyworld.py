@@ -258,6 +258,23 @@ def test_independent_dropout_decorrelates_the_digit_share():
     with pytest.raises(ValueError, match="drop_prob"): tw.Recipe(drop_prob=1.5)
 
 
+def test_background_keep_power():
+    "`bg_keep_power` skews the background survival rate U(0,1)**p towards small rates; p = 1 is the v2 dropout itself."
+    from tokprune_nb.toyworld.train import dropout_independent
+    e = tw.make_examples("val", 1, seed=2)[0]
+    obj = tw.patch_targets(e.scene)["obj"]; n_bg = (obj < 0).sum()
+    def bg_share(p, seed=0):
+        rng = np.random.RandomState(seed)
+        return np.mean([(obj[dropout_independent(obj, rng, 0.3, 1.0, p)] < 0).sum() / n_bg for _ in range(400)])
+    for s in range(5):   # p = 1: the same draws, the same tokens, as before the parameter existed
+        assert np.array_equal(dropout_independent(obj, np.random.RandomState(s), 0.3, 1.0),
+                              dropout_independent(obj, np.random.RandomState(s), 0.3, 1.0, 1.0))
+    s1, s2 = bg_share(1.0), bg_share(2.0)
+    assert abs(s1 - 0.5) < 0.05 and abs(s2 - 1 / 3) < 0.05, (s1, s2)   # E[U] = 1/2, E[U^2] = 1/3
+    for bad in (0, -1.0, float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="bg_keep_power"): tw.Recipe(bg_keep_power=bad)
+
+
 def test_load_toy_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-toy"): tw.load_toy(tmp_path)
 
