@@ -400,15 +400,20 @@ def test_scorer_before_its_stage_reuses_the_layers_own_projections(make, monkeyp
     from tokprune_nb.inllm import base as IB
     model, proc = tiny_llava(text_layers=4)
     x = tiny_inputs(proc, ["what is in the image ?", "how many dog are there ?"])
-    res = {}
+    res, cached, real = {}, [], IB.cached_keys
+    monkeypatch.setattr(IB, "cached_keys", lambda *a: cached.append(real(*a)) or cached[-1])
     for reuse in (False, True):
         monkeypatch.setattr(IB, "REUSE_PROJECTIONS", reuse)
         with torch.no_grad(), pruned(model, None, inside=make()):
             t0 = IB.SCORING["flops"]; logits = model(**x).logits; fl = IB.SCORING["flops"] - t0
             gen = model.generate(**x, max_new_tokens=4, do_sample=False)
-        res[reuse] = (logits, fl, gen)
+            no_cache = model(**x, use_cache=False).logits     # no cache to read the rotated keys from: rotate again
+        res[reuse] = (logits, fl, gen, no_cache)
     assert torch.equal(res[False][0], res[True][0]) and torch.equal(res[False][2], res[True][2])
+    assert torch.equal(res[True][3], res[True][0]) and torch.equal(res[False][3], res[True][0])
     assert res[True][1] * 4 <= res[False][1]
+    # with a cache the scorer reads the keys its layer cached (no rotary embedding redone); without one it cannot
+    assert any(k is not None for k in cached) and any(k is None for k in cached)
 
 
 def test_timed_scoring_includes_the_recycling(fx):

@@ -281,10 +281,11 @@ def test_load_toy_missing(tmp_path):
 
 def test_train_toy_quick(tmp_path):
     "The CLI runs end to end (a few steps) and writes a loadable model with its recipe."
-    assert tw.main(["--quick", "--out", str(tmp_path / "m"), "--n-test", "7"]) == 0
+    assert tw.main(["--quick", "--out", str(tmp_path / "m"), "--n-test", "7", "--bg-keep-power", "1.5", "--drop-prob", "0.5"]) == 0
     t = tw.load_toy(tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "toy.json").read_text())
     assert meta["recipe"]["vision_steps"] == 5 and meta["seed"] == tw.Recipe().seed and meta["commit"]
+    assert meta["recipe"]["bg_keep_power"] == 1.5 and meta["recipe"]["drop_prob"] == 0.5   # --quick keeps the flags
     assert type(t.llava).__name__ == "LlavaForConditionalGeneration"
 
 

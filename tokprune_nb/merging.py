@@ -240,28 +240,28 @@ def tome_reduce(
     "ToMe's bipartite soft matching, repeated until `k` tokens remain: each round merges the most similar A→B pairs."
     N = x.shape[0]
     if not 1 <= k <= N: raise ValueError(f"`k` must be in [1, {N}], got {k}")
-    slots = torch.arange(N, device=x.device); size = torch.ones(N, device=x.device)
-    f = x.float().clone()
-    owner = torch.arange(N, device=x.device)                                    # current position of each token's group
+    dev = x.device
+    slots = torch.arange(N, device=dev); size = torch.ones(N, device=dev)
+    f = x.float()                                                               # read only: each round writes new tensors
+    owner = torch.arange(N, device=dev)                                         # current position of each token's group
     while slots.numel() > k:
-        n = slots.numel(); a, b = torch.arange(0, n, 2, device=x.device), torch.arange(1, n, 2, device=x.device)
-        r = min(n - k, a.numel(), b.numel())
+        n = slots.numel(); r = min(n - k, n // 2)                               # A: even positions (⌈n/2⌉), B: odd (⌊n/2⌋)
         m = F.normalize(f, dim=-1)
-        best, dst = (m[a] @ m[b].T).max(-1)                                     # each A token's most similar B token
+        best, dst = (m[0::2] @ m[1::2].T).max(-1)                               # each A token's most similar B token (views)
         order = best.sort(descending=True, stable=True).indices
-        src, keep_a = order[:r], order[r:]
-        w = size[a[src]]
-        fb, sb = f[b] * size[b][:, None], size[b].clone()
-        fb.index_add_(0, dst[src], f[a[src]] * w[:, None]); sb.index_add_(0, dst[src], w)
-        survivors = torch.cat([a[keep_a], b])
-        new_f = torch.cat([f[a[keep_a]], fb / sb[:, None]]); new_s = torch.cat([size[a[keep_a]], sb])
-        o = slots[survivors].argsort()                                          # back to slot order
-        inv = torch.empty_like(o); inv[o] = torch.arange(o.numel(), device=x.device)
-        moved = torch.empty(n, dtype=torch.long, device=x.device)                # old position -> new position
-        moved[a[keep_a]] = inv[:keep_a.numel()]; moved[b] = inv[keep_a.numel():]
-        moved[a[src]] = inv[keep_a.numel() + dst[src]]
+        src, ka = order[:r], 2 * order[r:]                                      # the r most similar A tokens merge; the rest stay
+        asrc, to = 2 * src, dst[src]                                            # their positions, their B targets
+        w = size[asrc]
+        fb, sb = f[1::2] * size[1::2, None], size[1::2].clone()
+        fb.index_add_(0, to, f[asrc] * w[:, None]); sb.index_add_(0, to, w)
+        alive = torch.ones(n, dtype=torch.bool, device=dev); alive[asrc] = False
+        moved = torch.cumsum(alive, 0) - 1                                      # old position -> new (order kept: slot order)
+        moved[asrc] = moved[2 * to + 1]
+        new_f, new_s, new_slots = f.new_empty(n - r, f.shape[1]), size.new_empty(n - r), slots.new_empty(n - r)
+        for out, kept, merged in ((new_f, f[ka], fb.div_(sb[:, None])), (new_s, size[ka], sb), (new_slots, slots[ka], slots[1::2])):
+            out.index_copy_(0, moved[ka], kept).index_copy_(0, moved[1::2], merged)   # no host sync (sizes known)
         owner = moved[owner]
-        slots, f, size = slots[survivors][o], new_f[o], new_s[o]
+        slots, f, size = new_slots, new_f, new_s
     if groups: return slots, f.to(x.dtype), size, owner, 1.0 / size[owner]   # size-weighted means compose: plain mean
     return slots, f.to(x.dtype), size
 

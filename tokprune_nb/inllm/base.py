@@ -11,7 +11,7 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['RULES', 'SCORING', 'IDENTITY_SHORTCUT', 'REUSE_PROJECTIONS', 'Stage', 'Scoring', 'top_image_tokens', 'InLLMPolicy',
-           'check_stages', 'tally', 'layer_qk', 'layer_keys', 'layer_queries', 'query_attention',
+           'check_stages', 'tally', 'layer_qk', 'cached_keys', 'layer_keys', 'layer_queries', 'query_attention',
            'last_token_attention', 'text_model', 'InsideRunner']
 
 # %% ../../nbs/inllm/base.ipynb #0a33b4e2
@@ -50,7 +50,8 @@ class Scoring:
     queries:Tensor = None      # [B,L] bool: the policy's query tokens (`InLLMPolicy.prepare`), carried to this layout
     norm:object = None         # the decoder stack's final norm
     proj:dict = None           # {"q": [B,L,H·dh], "k": [B,L,Hkv·dh]}: the scorer layer's own q/k projections of `hidden`,
-                               # captured from its forward (`REUSE_PROJECTIONS`), or None: recompute them
+                               # captured from its forward (`REUSE_PROJECTIONS`), or None: recompute them; with "k_rot"
+                               # [B,Hkv,L,dh] the rotated keys it wrote to the KV cache (no rotary embedding to redo)
     scores:Tensor = None       # [B,L] what `select` ranked by, when it keeps them here (read by `InLLMPolicy.recycle`)
 
 def top_image_tokens(scores:Tensor, image:Tensor, valid:Tensor, stage:Stage)->list:
@@ -146,10 +147,23 @@ def _rope_one(layer, t:Tensor, cos:Tensor, sin:Tensor)->Tensor:
     rope = sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
     return rope(t, t[:, :1], cos, sin)[0]
 
+def cached_keys(cache, layer, hidden:Tensor)->Tensor:
+    """The rotated keys `[B,Hkv,L,dh]` a decoder `layer` has just written to `cache` in a prompt call on `hidden`
+    `[B,L,D]` that started from an empty cache (exactly what `layer_keys` computes), or None where the cache does not
+    hold them in that form (no cache, a static or quantised cache, another shape or dtype)."""
+    layers, idx = getattr(cache, "layers", None), getattr(layer.self_attn, "layer_idx", None)
+    if not isinstance(idx, int) or not isinstance(layers, (list, tuple)) or not 0 <= idx < len(layers): return None
+    k = getattr(layers[idx], "keys", None)
+    B, L = hidden.shape[:2]
+    if not isinstance(k, Tensor) or k.dim() != 4 or k.shape[0] != B or k.shape[2] != L or k.dtype != hidden.dtype: return None
+    return k
+
 def layer_keys(layer, hidden:Tensor, position_embeddings:tuple, proj:dict=None)->Tensor:
     """Rotated keys `[B,Hkv,L,dh]` the decoder `layer` computes for its input `hidden` `[B,L,D]` (what it caches);
-    from its own `k_proj` output `proj["k"]` when the layer's forward already computed it (no projection here)."""
+    the cached ones `proj["k_rot"]` when the layer's forward wrote them, else from its own `k_proj` output `proj["k"]`
+    when the forward computed it (no projection here)."""
     attn = layer.self_attn
+    if proj is not None and "k_rot" in proj: return proj["k_rot"]   # what the layer cached: already rotated
     if proj is not None and "k" in proj: k = proj["k"]
     else:
         x = layer.input_layernorm(hidden)
@@ -184,10 +198,10 @@ def query_attention(
     proj:dict=None,            # the layer's own q/k projections of `hidden` (`Scoring.proj`), or None: recompute
 )->Tensor:                     # [B,L] float32: attention weights averaged over heads and over each sample's queries
     "Head- and query-averaged attention weights of chosen query tokens (causal softmax per row, float32)."
-    k = layer_keys(layer, hidden, position_embeddings, proj)
+    k = layer_keys(layer, hidden, position_embeddings, proj).float()            # [B,Hkv,L,dh]
     B, L = hidden.shape[:2]
     H, dh = layer.self_attn.q_proj.out_features // layer.self_attn.head_dim, layer.self_attn.head_dim
-    k = k.repeat_interleave(H // k.shape[1], dim=1).float()
+    Hkv = k.shape[1]                                                           # GQA: query head h reads key head h // (H/Hkv)
     scale = getattr(layer.self_attn, "scaling", dh ** -0.5)
     cols = torch.arange(L, device=hidden.device)
     out = torch.zeros(B, L, dtype=torch.float32, device=hidden.device)
@@ -196,10 +210,11 @@ def query_attention(
         if rows.numel() == 0: continue
         pb = None if proj is None else {n: v[b:b + 1] for n, v in proj.items()}
         q = layer_queries(layer, hidden[b:b + 1], tuple(t[b:b + 1] if t.shape[0] == B else t for t in position_embeddings), rows[None], pb)[0]
-        logits = torch.einsum("hqd,hld->hql", q.float(), k[b]) * scale
+        q = q.float().view(Hkv, H // Hkv, rows.numel(), dh)                    # [Hkv,G,Q,dh]: grouped, the keys not repeated
+        logits = torch.einsum("kgqd,kld->kgql", q, k[b]) * scale
         tally(H * rows.numel() * L * dh)
         seen = valid[b][None] & (cols[None] <= rows[:, None])                  # [Q,L]
-        out[b] = logits.masked_fill(~seen[None], float("-inf")).softmax(-1).mean((0, 1))
+        out[b] = logits.masked_fill(~seen, float("-inf")).softmax(-1).mean((0, 1, 2))
     return out
 
 def last_token_attention(
@@ -216,13 +231,13 @@ def last_token_attention(
     last = torch.where(valid, cols, -1).amax(1)                               # [B]
     ql = layer_queries(layer, hidden, position_embeddings, last[:, None], proj)[:, :, 0]   # [B,H,dh]: the one row needed
     H, dh = ql.shape[1], ql.shape[2]
-    k = k.repeat_interleave(H // k.shape[1], dim=1)                           # GQA
+    Hkv = k.shape[1]                                                           # GQA: grouped, the keys not repeated
     scale = getattr(layer.self_attn, "scaling", dh ** -0.5)
-    logits = torch.einsum("bhd,bhld->bhl", ql.float(), k.float()) * scale
+    logits = torch.einsum("bkgd,bkld->bkgl", ql.float().view(B, Hkv, H // Hkv, dh), k.float()) * scale
     tally(B * H * L * dh)
     seen = valid & (cols[None] <= last[:, None])
-    logits = logits.masked_fill(~seen[:, None], float("-inf"))
-    return logits.softmax(-1).mean(1)
+    logits = logits.masked_fill(~seen[:, None, None], float("-inf"))
+    return logits.softmax(-1).mean((1, 2))
 
 # %% ../../nbs/inllm/base.ipynb #79dd0bd8
 IDENTITY_SHORTCUT = True   # a stage that keeps every token of every sample leaves the call untouched (bit-exact)
@@ -407,6 +422,9 @@ class InsideRunner:
             hs = args[0] if args else kwargs["hidden_states"]
             out = output[0] if isinstance(output, tuple) else output
             armed = st.get("armed") == l                       # a prompt call whose q/k were captured for scoring
+            if armed:                                          # its rotated keys, as the layer cached them
+                k = cached_keys(kwargs.get("cache", kwargs.get("past_key_values")), mod, hs)
+                if k is not None: st["proj"]["k_rot"] = k
             for j, s in enumerate(self.stages):
                 if s.scorer == l and st["kept"][j] is None and (RULES[s.rule] == "output" or armed):
                     self._score(j, mod, hs, kwargs, l, out, st["proj"] if armed else None)

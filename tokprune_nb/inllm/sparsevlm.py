@@ -27,11 +27,14 @@ def text_raters(
     for b in range(B):
         img = image[b] & valid[b]
         if not img.any(): continue
-        first = int(torch.nonzero(img)[0])
+        at = torch.nonzero(img).flatten()
+        first, last = int(at[0]), int(at[-1]) + 1
         txt = torch.nonzero(valid[b] & ~image[b] & (cols > first)).flatten()
         if txt.numel() == 0: continue
-        rel = (hidden[b][img].float() @ hidden[b][txt].float().T).softmax(-1).mean(0)       # [T]
-        tally(int(img.sum()) * hidden.shape[2] * txt.numel())
+        # [T]: per image token a softmax over the text tokens, averaged over the image tokens; the text rows against
+        # the span of the image (a view: no gather of the image rows), then its image columns
+        rel = (hidden[b, txt].float() @ hidden[b, first:last].float().T)[:, img[first:last]].softmax(0).mean(1)
+        tally(txt.numel() * hidden.shape[2] * (last - first))
         pick = txt[rel > rel.mean()]
         out[b, pick if pick.numel() else txt] = True            # all equal: every text token rates
     return out
@@ -63,15 +66,16 @@ def density_peaks(
     m, D = h.shape
     if not 1 <= R <= m: raise ValueError(f"`R` must be in [1, {m}] for {m} tokens, got {R}")
     x = h.float(); sq = (x * x).sum(-1)
-    d2 = ((sq[:, None] + sq[None] - 2 * (x @ x.T)) / D).clamp(min=0)   # squared distance / D (as the official code)
+    d2 = (sq[:, None] + sq[None]).sub_(x @ x.T, alpha=2).div_(D).clamp_(min=0)   # squared distance / D (as the official code)
     tally(m * m * D)
-    d2 = d2.masked_fill(torch.eye(m, dtype=torch.bool, device=h.device), 0.0)   # exact zeros on the diagonal
-    dens = torch.exp(-d2.topk(R, dim=-1, largest=False).values.mean(-1))
-    i = torch.arange(m, device=h.device)
-    denser = (dens[None] > dens[:, None]) | ((dens[None] == dens[:, None]) & (i[None] < i[:, None]))   # [i,j]: j outranks i
-    dist = d2.sqrt()
-    delta = torch.where(denser, dist, torch.full_like(dist, float("inf"))).amin(-1)
-    delta = torch.where(torch.isinf(delta), dist.max(), delta)                   # the densest: the largest distance
+    d2.fill_diagonal_(0.0)                                                       # exact zeros on the diagonal
+    dens = d2.topk(R, dim=-1, largest=False).values.mean(-1).neg_().exp_()
+    order = torch.sort(dens, descending=True, stable=True).indices               # densest first; ties: the lower index
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(m, device=h.device))
+    dist = d2.sqrt_()
+    # distance to the nearest denser token ([i,j]: j outranks i when rank[j] < rank[i]); the densest has none and
+    # takes the largest distance
+    delta = dist.masked_fill(rank[None] >= rank[:, None], float("inf")).amin(-1).index_fill_(0, order[:1], dist.max())
     centre = torch.sort(-(delta * dens), stable=True).indices[:R]
     cid = dist[:, centre].argmin(-1)                                             # ties: the first centre
     cid[centre] = torch.arange(R, device=h.device)

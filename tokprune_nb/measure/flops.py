@@ -91,7 +91,7 @@ _ZERO = """
     remainder fmod relu6 leaky_relu elu softplus hardtanh erfinv atan2 cosh sinh tril_indices triu_indices median
     var var_mean std_mean logsumexp cummax cumprod kthvalue argwhere count_nonzero nan_to_num isnan isinf index_put
     take take_along_dim scatter_reduce roll movedim swapaxes alias detach ge gt eq clamp max __and__ bitwise_not
-    numpy_T mT mH eye nonzero unfold
+    numpy_T mT mH eye nonzero unfold fill_diagonal
     """.split()
 ZERO_COST_OPS = tuple(sorted({f"aten::{o}{u}" for o in _ZERO for u in ("", "_") if not o.endswith("_") or not u}))
 
