@@ -19,11 +19,10 @@ TARGETS = dict(full_overall=0.95, full_per_type=0.90, oracle_gap=0.03, random_lo
 def load_run(spec:str):
     """The toy model of one run: `shipped`; a `tokprune train-toy` output directory (`toy.json`); or the shipped
     model with the LM of a `toy_v2_probe.py` directory (`lm.pt`, `probe.json`)."""
-    if spec != "shipped" and os.path.exists(os.path.join(spec, "toy.json")):
-        toy = tw.load_toy(spec)
+    if spec == "shipped" or os.path.exists(os.path.join(spec, "toy.json")):     # a whole model, with its toy.json
+        toy = tw.load_toy(None if spec == "shipped" else spec)
         return toy, {"source": spec, "train_s": toy.meta.get("train_seconds"), "recipe": toy.meta.get("recipe")}
-    toy = tw.load_toy()
-    if spec == "shipped": return toy, {"source": "shipped", "train_s": toy.meta.get("train_seconds"), "recipe": toy.meta.get("recipe")}
+    toy = tw.load_toy()                                                         # the shipped model, a probe's LM
     sd = torch.load(os.path.join(spec, "lm.pt"))
     toy.llava.model.language_model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("lm_head.")})
     toy.llava.lm_head.load_state_dict({k[len("lm_head."):]: v for k, v in sd.items() if k.startswith("lm_head.")})

@@ -60,6 +60,7 @@ def merge_back(
 )->tuple:                  # (merged [B,k,D] in the order of `kept`, size [B,k]) (+ assign, weight with `groups`)
     "Average every dropped token into its most similar kept token (size-weighted, ToMe-style)."
     B, N, D = feats.shape
+    unit = size is None                         # every token counts once: no weighting pass (x·1 = x exactly)
     size = feats.new_ones(B, N, dtype=torch.float32) if size is None else size.float()
     m = F.normalize((feats if metric is None else metric).float(), dim=-1)
     dropped = torch.ones(B, N, dtype=torch.bool, device=feats.device).scatter_(1, kept, False)
@@ -70,7 +71,8 @@ def merge_back(
         tgt = torch.where(dropped[b], tgt, torch.arange(N, device=feats.device).new_full((N,), -1))
         tgt[kept[b]] = torch.arange(kept.shape[1], device=feats.device)    # a kept token merges into itself
         w = size[b]
-        acc = torch.zeros(kept.shape[1], D, dtype=torch.float32, device=feats.device).index_add_(0, tgt, feats[b].float() * w[:, None])
+        fb = feats[b].float() if unit else feats[b].float() * w[:, None]
+        acc = torch.zeros(kept.shape[1], D, dtype=torch.float32, device=feats.device).index_add_(0, tgt, fb)
         tot = torch.zeros(kept.shape[1], dtype=torch.float32, device=feats.device).index_add_(0, tgt, w)
         out.append((acc / tot[:, None]).to(feats.dtype)); sizes.append(tot)
         assign.append(tgt); weight.append(w / tot[tgt])
