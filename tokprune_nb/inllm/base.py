@@ -150,12 +150,13 @@ def _rope_one(layer, t:Tensor, cos:Tensor, sin:Tensor)->Tensor:
 def cached_keys(cache, layer, hidden:Tensor)->Tensor:
     """The rotated keys `[B,Hkv,L,dh]` a decoder `layer` has just written to `cache` in a prompt call on `hidden`
     `[B,L,D]` that started from an empty cache (exactly what `layer_keys` computes), or None where the cache does not
-    hold them in that form (no cache, a static or quantised cache, another shape or dtype)."""
+    hold them in that form (no cache, a static or quantised cache, another shape, dtype or device)."""
     layers, idx = getattr(cache, "layers", None), getattr(layer.self_attn, "layer_idx", None)
     if not isinstance(idx, int) or not isinstance(layers, (list, tuple)) or not 0 <= idx < len(layers): return None
     k = getattr(layers[idx], "keys", None)
     B, L = hidden.shape[:2]
-    if not isinstance(k, Tensor) or k.dim() != 4 or k.shape[0] != B or k.shape[2] != L or k.dtype != hidden.dtype: return None
+    if (not isinstance(k, Tensor) or k.dim() != 4 or k.shape[0] != B or k.shape[2] != L or k.dtype != hidden.dtype
+            or k.device != hidden.device): return None                      # e.g. an offloaded cache
     return k
 
 def layer_keys(layer, hidden:Tensor, position_embeddings:tuple, proj:dict=None)->Tensor:
