@@ -4,7 +4,7 @@ given LM-stage dropout, and report full / oracle / random accuracy on held-out t
 Stages 1-2 (vision, projector) do not depend on the LM-stage dropout, so with `--seed 1` this is exactly stage 3 of
 `train_toy(Recipe(seed=1, ...))`. Greedy first-word answers via `lm_inputs` (the demo's `generate` path agrees).
 
-    python scripts/toy_v2_probe.py --layers 3 --steps 2300 --obj-full-prob 1.0 --out /tmp/probe/a
+    python scripts/toy_v2_probe.py --seed 2 --out /tmp/probe/s2          # the shipped recipe (Recipe defaults), seed 2
 """
 import argparse, json, time, sys
 import numpy as np, torch
@@ -46,11 +46,12 @@ def evaluate(llava, examples, batch=64):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--seed", type=int, default=1); p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--steps", type=int, default=2300); p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--dropout", default="independent"); p.add_argument("--drop-prob", type=float, default=0.7)
-    p.add_argument("--obj-full-prob", type=float, default=0.5); p.add_argument("--obj-keep-min", type=float, default=0.3)
-    p.add_argument("--bg-keep-power", type=float, default=1.0)
+    d = T.Recipe()   # the defaults are the shipped recipe's (each run's JSON records its arguments)
+    p.add_argument("--seed", type=int, default=1); p.add_argument("--layers", type=int, default=d.lm_layers)
+    p.add_argument("--steps", type=int, default=d.lm_steps); p.add_argument("--lr", type=float, default=d.lm_lr)
+    p.add_argument("--dropout", default=d.dropout); p.add_argument("--drop-prob", type=float, default=d.drop_prob)
+    p.add_argument("--obj-full-prob", type=float, default=d.obj_full_prob); p.add_argument("--obj-keep-min", type=float, default=d.obj_keep_min)
+    p.add_argument("--bg-keep-power", type=float, default=d.bg_keep_power)
     p.add_argument("--n-test", type=int, default=350); p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=1); p.add_argument("--out", required=True)
     a = p.parse_args()

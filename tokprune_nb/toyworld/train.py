@@ -4,8 +4,8 @@
 
 # %% ../../nbs/toyworld/train.ipynb #54db09fa
 from __future__ import annotations
-import argparse, dataclasses, math, time
-from dataclasses import dataclass, asdict
+import argparse, math, time
+from dataclasses import dataclass, asdict, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -416,8 +416,8 @@ def main(argv=None)->int:
                obj_full_prob=a.obj_full_prob, obj_keep_min=a.obj_keep_min, bg_keep_power=a.bg_keep_power, lm_layers=a.lm_layers)
     if a.quick:
         # the same recipe (every flag given) at smoke-test size
-        r = dataclasses.replace(r, batch=8, vision_steps=5, projector_steps=3, lm_steps=6, warm_steps=2, ramp_steps=2,
-                                eval_every=3, n_val=14)
+        r = replace(r, batch=8, vision_steps=5, projector_steps=3, lm_steps=6, warm_steps=2, ramp_steps=2,
+                    eval_every=3, n_val=14)
         a.n_test = min(a.n_test, 14)
     train_toy(a.out, r, n_test=a.n_test, stages_from=a.stages_from)
     return 0
