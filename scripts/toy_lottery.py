@@ -1,8 +1,9 @@
 """Seed lottery of the toy world v2 LM recipe (issue 17): score LM-stage runs of several seeds against the targets.
 
-Each run is the shipped model's stages 1-2 (CLIP, tower, projector, word embeddings) with the language model and
-`lm_head` of one seed: `shipped` (the shipped model itself), a directory written by `tokprune train-toy --from`
-(a whole toy model), or one written by `scripts/toy_v2_probe.py` (`lm.pt`, `probe.json`). Every run is measured like `tests/test_toyworld.py` measures the shipped model: 700
+Each run is one seed's toy model: `shipped` (the shipped model itself), a directory written by `tokprune train-toy`
+(a whole toy model: with `--from`, the shipped stages 1-2 (CLIP, tower, projector, word embeddings) and a new LM; without
+it, all three stages from scratch), or one written by `scripts/toy_v2_probe.py` (`lm.pt`, `probe.json`: the shipped model
+with that LM and `lm_head`). Every run is measured like `tests/test_toyworld.py` measures the shipped model: 700
 held-out test questions through the processor and `generate` (`apps.demo.evaluate`), full model, the evidence
 oracle at keep 0.5 and 0.25, random pruning at keep 0.11.
 

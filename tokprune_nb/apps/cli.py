@@ -9,7 +9,7 @@ import sys, importlib
 SUBCOMMANDS = {
     'demo':         ('tokprune_nb.apps.demo', 'the main job: every policy x budget on the shipped toy VLM (accuracy, tokens, FLOPs, latency)'),
     'eval':         ('tokprune_nb.eval.run', 'the demo grid through lmms-eval (tokprune model, tokprune_toy task); needs `make eval-venv`'),
-    'train-toy':    ('tokprune_nb.toyworld', 'train the toy world CLIP + LLaVA from scratch (~70-100 min on 2 CPU cores)'),
+    'train-toy':    ('tokprune_nb.toyworld', 'train the toy world CLIP + LLaVA from scratch (about 1 h on 2 CPU cores with --threads 2)'),
     'peek':         ('tokprune_nb.apps.quick_demo', 'every policy through pruned(...) on a random tiny LLaVA: what each keeps (seconds)'),
     'bench':        ('tokprune_nb.measure.bench', 'latency, peak memory, selection time and FLOPs of pruned vs unpruned models'),
     'bench-select': ('tokprune_nb.measure.selection_speed', 'time the selection policies alone (LLaVA-1.5 / NeXT token shapes)'),
