@@ -592,3 +592,48 @@ def test_greedy_seeding_in_rounds_on_separated_blobs(one_thread):
     xt = torch.from_numpy(X)
     greedy = np.median([float(kmeans_inertia(xt, *kmeans(xt, 20, seed=s, seed_rounds=16))) for s in range(5)])
     assert greedy <= 1.02 * sk, (greedy, sk)
+
+
+# ---------------------------------------------------------------- the CPU fast paths give the same results
+
+def test_first_min_cpu_form_equals_sync_free_form():
+    """`_first_min` computes the near-tie-aware argmin two ways: fewest launches (the sync-free path) and fewest passes
+    over `d` (the CPU). Same index on random, integer (exact ties), near-tied and tiny distances, along either dim."""
+    from tokprune_nb.diversity import _first_min, gpu_path
+    g = torch.Generator().manual_seed(0)
+    for t in range(600):
+        k, N = int(torch.randint(1, 130, (1,), generator=g)), int(torch.randint(1, 60, (1,), generator=g))
+        d = torch.randn(2, k, N, generator=g, dtype=torch.float64 if t % 7 == 0 else torch.float32)
+        if t % 3 == 1: d = torch.randint(-3, 3, (2, k, N), generator=g).to(d.dtype)
+        if t % 3 == 2: d = d * 1e-30
+        if k > 2: d[:, 1] = d[:, 0] * (1 + 1e-7)          # within the tolerance: the lower index wins
+        for dim in (1, 2):
+            with gpu_path(False): cpu = _first_min(d, dim)
+            with gpu_path(True): sf = _first_min(d, dim)
+            assert cpu.dtype == sf.dtype == torch.long and torch.equal(cpu, sf), (t, dim)
+    assert torch.equal(_first_min(torch.tensor([[[1.0], [1.0 + 1e-8], [0.5]]]), 1), torch.tensor([[2]]))
+
+
+def test_where_shortcut_equals_torch_where():
+    "`_where` off the sync-free path returns `x` or `y` itself when the condition is uniform: the values of torch.where."
+    from tokprune_nb.diversity import _where
+    x, y = _randn(3, 4, 5, seed=1), _randn(3, 4, 5, seed=2)
+    for cond in (torch.ones(3, 1, 1, dtype=torch.bool), torch.zeros(3, 1, 1, dtype=torch.bool),
+                 torch.tensor([True, False, True]).view(3, 1, 1)):
+        for sf in (False, True):
+            assert torch.equal(_where(sf, cond, x, y), torch.where(cond, x, y))
+            out = torch.empty_like(x)
+            assert _where(sf, cond, x, y, out=out) is out and torch.equal(out, torch.where(cond, x, y))
+
+
+def test_seed_draws_are_cached_and_never_written():
+    "The draws of one geometry are shared between calls (a small cache): a k-means run must leave them as drawn."
+    from tokprune_nb.diversity import _cached_draws
+    x = torch.nn.functional.normalize(_randn(2, 300, 512, seed=3), dim=-1)
+    a = _cached_draws(0, 40, 1, 2, 'cpu', torch.float32, 8, 300)
+    assert _cached_draws(0, 40, 1, 2, 'cpu', torch.float32, 8, 300) is a    # the same objects
+    before, hits = [t.clone() for t in a], _cached_draws.cache_info().hits
+    kmeans_nearest(x, 40, n_trials=1, seed_rounds=8, init_dim=256)        # the same draws: q = 2, R = 8, N = 300
+    kmeans(x, 40, n_trials=1, seed_rounds=8, init_dim=256)
+    assert _cached_draws.cache_info().hits == hits + 2                      # both runs used these draws
+    assert all(torch.equal(t, b) for t, b in zip(a, before))

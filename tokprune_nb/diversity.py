@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_diversity.ipynb #27753ed8
 from __future__ import annotations
-import math
+import functools, math
 from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
@@ -237,16 +237,21 @@ def _kmeanspp_rounds(X:Tensor, xn:Tensor, valid:Tensor, u:Tensor, logE:Tensor, s
     closest = _sq_dists(X, xn, _gather_rows(X, i0), xn.gather(1, i0)).squeeze(-1)
     taken = (~valid).scatter(1, i0, True)                          # padding and chosen points are never drawn
     parts = [i0]
-    if L == 1:   # one candidate set per round: the same arithmetic, fewer small ops
+    if L == 1:   # one candidate set per round: the same arithmetic, fewer small ops (each costs ~5-10 us on a CPU)
         lg = logE[:, 0]
+        lgz = lg + 1e4                                             # every round's keys for points at distance 0
+        out = torch.empty(B, 1 + sum(sizes), dtype=torch.long, device=X.device)
+        out[:, :1] = i0
+        xnr, Xt, c = xn.unsqueeze(1), X.transpose(1, 2), 1
         for r, m in enumerate(sizes):
-            key = torch.where(closest > 0, lg[r] - closest.log(), lg[r] + 1e4).masked_fill_(taken, math.inf)
+            key = torch.where(closest > 0, lg[r] - closest.log(), lgz[r]).masked_fill_(taken, math.inf)
             pick = key.topk(m, -1, largest=False).indices            # [B,m]
-            d = _sq_dists(_gather_rows(X, pick), xn.gather(1, pick), X, xn).amin(1)
-            closest = torch.minimum(closest, d)
+            d = _baddbmm(xn.gather(1, pick).unsqueeze(-1) + xnr, _gather_rows(X, pick), Xt, alpha=-2)   # `_sq_dists`
+            torch.minimum(closest, d.clamp_min_(0).amin(1), out=closest)
             taken.scatter_(1, pick, True)
-            parts.append(pick)
-        return torch.cat(parts, 1)
+            out[:, c:c + m] = pick
+            c += m
+        return out
     for r, m in enumerate(sizes):
         # points at distance 0 (copies of a seed) only after every positive-weight point: +1e4 puts them last
         key = torch.where(closest.unsqueeze(1) > 0, logE[r] - closest.log().unsqueeze(1), logE[r] + 1e4)
@@ -268,13 +273,18 @@ def _seed_draws(seed:int, k:int, L:int, q:int, device:str, dtype, R:int=0, N:int
     """The random numbers of one k-means run, from one generator seeded with `seed` on `device`: the uniforms `[k,L]`
     of the seeding, then `q` sketch signs (none when `q == 0`), then for seeding in `R > 0` rounds the logs of
     `[R,L,N]` Exp(1) draws (else None). A function of its arguments alone, so a compiled graph draws them once, at
-    trace time, as constants (a generator cannot live inside a captured graph)."""
+    trace time, as constants (a generator cannot live inside a captured graph); eager calls take them from
+    `_cached_draws`."""
     g = torch.Generator(device=device); g.manual_seed(seed)
     u = _uniforms(k, L, g, device, dtype)
     signs = _signs(q, g, device, dtype) if q else None
     if not R: return u, signs, None
     e = torch.rand(R, L, N, generator=g, device=device, dtype=dtype).mul_(1 - 2**-22)
     return u, signs, torch.log(-torch.log1p(-e))                 # log of an Exp(1) draw, finite: e < 1
+
+# eager calls with the same arguments (every selection of one policy on one geometry) share the draws: read-only,
+# no caller writes to them. (Dynamo would trace through a cache wrapper, so a traced graph calls `_seed_draws`.)
+_cached_draws = functools.lru_cache(maxsize=32)(_seed_draws)
 
 def _cluster_sums(X:Tensor, Xf:Tensor, a:Tensor, valid:Tensor, k:int, buf:Tensor, onehot:bool|None=None)->tuple:
     "Per-cluster sums into `buf [B*k+1, D]` (last row: scratch for padding) and counts `[B,k,1]`."
@@ -302,10 +312,19 @@ def _first_min(d:Tensor, dim:int)->Tensor:
     index. Coinciding centres (k above the number of distinct points) give distances that differ in the last bit
     depending on where BLAS places their rows; a plain argmin would then pick differently for a batch and its images."""
     m = d.amin(dim, keepdim=True)
-    tol = 8 * torch.finfo(d.dtype).eps * (d.abs().amax(dim, keepdim=True) + 1)
     n = d.shape[dim]
-    ar = torch.arange(n, device=d.device).view([-1 if i == (dim % d.dim()) else 1 for i in range(d.dim())])
-    return torch.where(d <= m + tol, ar, n).amin(dim)
+    shape = [-1 if i == (dim % d.dim()) else 1 for i in range(d.dim())]
+    if sync_free(d.device):   # fewest launches (what a GPU pays for)
+        tol = 8 * torch.finfo(d.dtype).eps * (d.abs().amax(dim, keepdim=True) + 1)
+        return torch.where(d <= m + tol, torch.arange(n, device=d.device).view(shape), n).amin(dim)
+    # on a CPU, fewest passes over d (the same index): |d|.amax from d's own extremes, then the first r with
+    # d[r] <= m + tol as the minimum of r (there) or r + n (elsewhere) in float arithmetic and a float `amin`, several
+    # times faster than a comparison, `where` and an integer `amin` (or an `argmin`) over a strided dim.
+    # `sign(max(d - (m + tol), 0))` is 0 exactly where d <= m + tol (finite floats: x - y has the sign of x - y), and
+    # indices are exact in float32/64 for n < 2^24
+    tol = 8 * torch.finfo(d.dtype).eps * (torch.maximum(d.amax(dim, keepdim=True), m.neg()) + 1)
+    ar = torch.arange(n, device=d.device, dtype=d.dtype).view(shape)
+    return torch.sub(d, m + tol).clamp_min_(0).sign_().mul_(n).add_(ar).amin(dim).long()
 
 def _check_kmeans_args(x, k, iters, seed, mask, tol, n_trials, init_dim, seed_rounds=None):
     xb, mb, single = _check_points(x, mask)
@@ -328,7 +347,8 @@ def _lloyd(X:Tensor, xn:Tensor, mb:Tensor, k:int, iters:int, seed:int, tol:float
     L, sk = n_trials or 2 + int(math.log(k)), init_dim is not None and D > init_dim
     sizes = round_sizes(k, seed_rounds)
     R = len(sizes) if len(sizes) < k - 1 else 0                     # 0: one seed per step, the classic loop
-    u, signs, logE = _seed_draws(seed, k, L, -(-D // init_dim) if sk else 0, str(X.device), X.dtype, R, N if R else 0)
+    draws = _seed_draws if torch.compiler.is_compiling() else _cached_draws
+    u, signs, logE = draws(seed, k, L, -(-D // init_dim) if sk else 0, str(X.device), X.dtype, R, N if R else 0)
     Y, yn = (_sketch(X, init_dim, None, signs), None) if sk else (X, xn)   # shared draws: every image alike
     if yn is None: yn = _sq_norms(Y, check=False)                  # X is checked: no second sync
     C = _gather_rows(X, _kmeanspp_rounds(Y, yn, mb, u, logE, sizes) if R else _kmeanspp(Y, yn, mb, u))
@@ -347,10 +367,10 @@ def _lloyd(X:Tensor, xn:Tensor, mb:Tensor, k:int, iters:int, seed:int, tol:float
         if a is None: same = torch.zeros_like(active)
         else:
             same = (a_new == a).all(1)
-            dkeep = torch.where((active & same).view(B, 1, 1), d, dkeep)  # settled now: C will not change again
+            dkeep = _where(sf, (active & same).view(B, 1, 1), d, dkeep)   # settled now: C will not change again
         S, cnt = _cluster_sums(X, Xf, a_new, mb, k, buf)
         S.div_(cnt.clamp_min(1))                                   # cluster means (empty clusters: 0, not used)
-        torch.where((cnt > 0) & active.view(B, 1, 1), S, C, out=Cn)  # empty clusters and stopped images keep C
+        _where(sf, (cnt > 0) & active.view(B, 1, 1), S, C, out=Cn)   # empty clusters and stopped images keep C
         shift = torch.linalg.vector_norm(torch.sub(Cn, C, out=S), dim=-1).square_().sum(1)
         C, Cn = Cn, C
         a = a_new if a is None else torch.where(active.unsqueeze(1), a_new, a)
@@ -361,8 +381,19 @@ def _lloyd(X:Tensor, xn:Tensor, mb:Tensor, k:int, iters:int, seed:int, tol:float
     if a is None or sf or not bool(settled.all()):                       # a last assignment step for the final centres
         a_fin, d_fin = _assign(X, C, mb)
         a = a_fin if a is None else torch.where(settled.unsqueeze(1), a, a_fin)
-        dkeep = d_fin if dkeep is None else torch.where(settled.view(B, 1, 1), dkeep, d_fin)
+        dkeep = d_fin if dkeep is None else _where(sf, settled.view(B, 1, 1), dkeep, d_fin)
     return C, a, dkeep
+
+def _where(sf:bool, cond:Tensor, x:Tensor, y:Tensor, out:Tensor|None=None)->Tensor:
+    """`torch.where(cond, x, y)` (into `out` if given) for a small `cond` broadcast over large `x`, `y`. Off the
+    sync-free path, when `cond` is all True or all False (one image, or every image alike: the usual case) it is `x` or
+    `y` itself (copied into `out`): a free host check on a CPU instead of a pass over `[B,k,N]`. The values are equal."""
+    if not sf:
+        c = bool(cond.all()) or (False if bool(cond.any()) else None)   # True: all; None: none; False: mixed
+        if c is not False:
+            r = x if c else y
+            return r if out is None else out.copy_(r)
+    return torch.where(cond, x, y) if out is None else torch.where(cond, x, y, out=out)
 
 @torch.no_grad()
 def kmeans(
