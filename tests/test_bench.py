@@ -169,3 +169,31 @@ def test_cli_inside_methods(tmp_path, capsys):
 def test_merge_variants_by_name():
     assert B.make_policy("zspaprune+merge", 0.25).merge_pruned is True
     with pytest.raises(ValueError, match="unknown policy"): B.make_policy("fastv", 0.5)
+
+
+def test_gpu_selection_check_script_on_cpu(tmp_path):
+    """`scripts/gpu_selection_check.py` (issue 16's prepared device check) end to end on a CPU and a tiny model: the
+    eager pass, the captured pass skipped with its reason (CUDA only), the cost model and one comparison row per
+    configuration that selects."""
+    import json, subprocess, sys
+    from pathlib import Path
+    out = tmp_path / "g.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_selection_check.py"
+    r = subprocess.run([sys.executable, str(script), "--arch", "llava-tiny", "--device", "cpu", "--policies", "zspaprune,atp",
+                        "--keep", "1,0.25", "--repeats", "1", "--new-tokens", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["machine"].endswith("cpu-" + str(__import__("os").cpu_count()) + "core") and d["cuda"] is None
+    assert d["same_geometry"] is False and d["cost_model_arch"] == "llava-1.5-7b"
+    assert [s["policy"] for s in d["skipped"]] == ["zspaprune", "atp"] and all("CUDA" in s["reason"] for s in d["skipped"])
+    assert {(r["policy"], r["keep"]) for r in d["bench"]} == {("none", 1.0), ("zspaprune", 1.0), ("zspaprune", 0.25),
+                                                               ("atp", 1.0), ("atp", 0.25)}
+    assert {(r["policy"], r["keep"], r["mode"]) for r in d["cost_model"]} == {(p, k, "eager") for p in ("zspaprune", "atp") for k in (1.0, 0.25)}
+    rows = {(c["policy"], c["keep"]): c for c in d["comparison"]}
+    assert set(rows) == {("zspaprune", 0.25), ("atp", 0.25)}          # keep 1 selects nothing: no row
+    for c in rows.values():
+        assert c["mode"] == "eager" and c["select_ms"] > 0 and c["est_gpu_ms"] > 0
+        assert abs(c["measured_share"] - c["select_ms"] / c["prefill_ms"]) < 1e-3
+        assert abs(c["measured_over_estimated"] - c["select_ms"] / c["est_gpu_ms"]) < 1e-2
+    assert "wrote" in r.stdout and "skipped captured zspaprune" in r.stdout

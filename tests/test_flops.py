@@ -225,3 +225,16 @@ def test_analytic_per_layer_counts():
     assert (b["proj"], b["attn"], b["mlp"], b["lm_head"]) == (5 * 8 * 24, 2 * 9 * 8 + 2 * 4 * 8, 5 * 3 * 8 * 16, 80)
     for bad in ([3], [3, 0], [3, 2.0], (3, True)):
         with pytest.raises(ValueError, match="n_tokens"): analytic_prefill_flops(c, bad)
+
+
+def test_package_imports_without_fvcore():
+    """fvcore is needed to count with it, not to import the package (a device machine's image may lack it:
+    `scripts/gpu_selection_check.py` runs there): with fvcore unimportable, the measurement modules still import."""
+    import subprocess, sys
+    code = ("import sys; sys.modules['fvcore'] = None\n"
+            "import tokprune_nb.measure.flops as F, tokprune_nb.measure.bench, tokprune_nb.measure.selection_speed\n"
+            "try: F.fvcore_analysis(None, ())\n"
+            "except ImportError: print('fvcore needed to count')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "fvcore needed to count" in r.stdout

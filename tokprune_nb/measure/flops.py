@@ -8,21 +8,25 @@ import contextlib, math
 from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from collections.abc import Mapping
 from ..registry import families, family_of, family_for_config, published_configs
 
 # %% auto #0
 __all__ = ['ZERO_COST_OPS', 'FVCORE_DEFAULTS_OFF', 'TORCH_EXTRA_FORMULAS', 'GATED_QUERY_MODELS', 'DELTA_CHUNK', 'ARCH_CONFIGS',
-           'REFERENCE_TOKENS', 'PROMPT_TOKENS', 'FVCORE_REFUSED', 'FVCORE_META_REFUSED', 'sdpa_flop_jit',
+           'REFERENCE_TOKENS', 'PROMPT_TOKENS', 'FVCORE_REFUSED', 'FVCORE_META_REFUSED', 'get_shape', 'sdpa_flop_jit',
            'baddbmm_flop_jit', 'einsum_flop_jit', 'matmul_flop_jit', 'cdist_flop_jit', 'solve_triangular_flop_jit',
            'conv_mode_flop_jit', 'fvcore_analysis', 'torch_flop_counter', 'torch_flop_counts', 'text_config',
            'analytic_prefill_breakdown', 'analytic_prefill_flops', 'reference_seq_len', 'CounterRefused',
            'meta_prefill_flops', 'prefill_table', 'FlopCount', 'count_flops']
 
 # %% ../../nbs/measure/flops.ipynb #e11263f0
+def get_shape(val)->list|None:
+    """The static shape of a traced TorchScript value (what fvcore's `get_shape` gives its handles), None when it is not
+    a complete tensor. Our own, so that importing this module (and the package) does not need fvcore: only counting
+    with it does (`fvcore_analysis`, `count_flops`)."""
+    return val.type().sizes() if val.isCompleteTensor() else None
+
 def sdpa_flop_jit(inputs:list, outputs:list)->int:
     "fvcore handle for `aten::scaled_dot_product_attention`: multiply-adds of QKᵀ and AV (full score matrix)."
     q, k, v = (get_shape(i) for i in inputs[:3])
@@ -107,6 +111,7 @@ def fvcore_analysis(
     inputs:tuple,       # positional tensors for `module`
 )->FlopCountAnalysis:
     "`FlopCountAnalysis` with our handles: SDPA, baddbmm, cdist, exact einsum, matmul with 1-D operands, norms off, known zero-cost ops silenced."
+    from fvcore.nn import FlopCountAnalysis
     fa = FlopCountAnalysis(module, inputs)
     fa.set_op_handle(**{"aten::scaled_dot_product_attention": sdpa_flop_jit, "aten::cdist": cdist_flop_jit,
                         "aten::baddbmm": baddbmm_flop_jit, "aten::einsum": einsum_flop_jit,
