@@ -9,11 +9,14 @@ skipped, not silently dropped). Then the cost model for the same (arch, policy, 
 comparison row per measured configuration: the measured selection share of the measured unpruned prefill against
 the model's `gpu_share`, and measured against estimated milliseconds.
 
-On the device machine (its image has torch and transformers; transformers older than this package's pin needs a
-wheel carried: `pip download "transformers>=5.20,<6" --no-deps -d .wheels` here, `.wheels` in `.git/info/exclude`):
+On the device machine: its image has torch and the other packages the script imports, but a transformers (5.17
+when last read) older than this package's pin (>= 5.20), and nothing can be installed there from a registry. So carry
+the wheel: `pip download "transformers==5.24.0" --no-deps -d .wheels` here (`.wheels/` is git-ignored; its deps
+huggingface-hub >= 1.31, tokenizers 0.23, safetensors 0.8 are in the image), then one device call:
 
-    python3 -m pip install --no-deps --target /tmp/tf .wheels/*.whl   # only if the image's transformers is < 5.20
-    PYTHONPATH=/tmp/tf:. python3 scripts/gpu_selection_check.py --out $OUT/gpu-selection.json
+    run(carry=[".wheels"], timeout_s=560, command="python3 -m pip install -q --no-deps --target /tmp/tf
+        .wheels/transformers-*.whl && PYTHONPATH=/tmp/tf:. python3 scripts/gpu_selection_check.py
+        --out $OUT/gpu-selection.json")
 
 Then commit the JSON under `results/` (its name carries the device, e.g. `results/gpu-selection-nvidia-h200.json`).
 On a CPU (`--device cpu`, a tiny arch) it runs the same steps without the captured pass (capture is CUDA-only): the
@@ -89,26 +92,7 @@ def main(argv=None)->int:
     cuda = torch.device(a.device).type == "cuda"
     kw = dict(arch=a.arch, keeps=keeps, device=a.device, dtype=dtype, repeats=a.repeats, warmup=a.warmup,
               new_tokens=a.new_tokens)
-    measured = run_bench(policies=pols, capture=False, **kw)
-    print(f"eager pass: {len(measured)} records, {time.time() - t0:.0f} s", flush=True)
-    skipped = []
-    if not cuda: skipped = [dict(policy=n, reason="capture runs on CUDA only") for n in pols]
-    else:
-        for n in pols:
-            left = a.budget_s - (time.time() - t0)
-            if left < a.per_policy_s:
-                skipped.append(dict(policy=n, reason=f"time budget: {left:.0f} s left of {a.budget_s:.0f}")); continue
-            t1 = time.time()
-            recs = run_bench(policies=[n], capture=True, **kw)
-            measured += [r for r in recs if r["policy"] != "none"]
-            print(f"captured {n}: {time.time() - t1:.0f} s", flush=True)
     carch = cost_arch(a.arch)
-    model = []
-    for cap in ([False, True] if cuda else [False]):
-        for r in S.cost_model(archs=(carch,), keeps=keeps, policies=pols, progress=False, capture=cap):
-            r["mode"] = "captured" if r["captured"] else "eager"
-            model.append(r)
-    rows = compare(measured, model)
     machine = B._machine(a.device)
     doc = dict(machine=machine, device=a.device, torch=torch.__version__,
                cuda=torch.version.cuda if cuda else None, arch=a.arch, cost_model_arch=carch,
@@ -116,15 +100,39 @@ def main(argv=None)->int:
                dtype=str(dtype or (torch.bfloat16 if cuda else torch.float32)).replace("torch.", ""),
                cost_model_constants=dict(launch_us=S.LAUNCH_US, sync_us=S.SYNC_US, graph_launch_us=S.GRAPH_LAUNCH_US,
                                          graph_node_us=S.GRAPH_NODE_US, peak_fraction=S.PEAK_FRACTION),
-               wall_s=round(time.time() - t0, 1), skipped=skipped, comparison=rows, bench=measured, cost_model=model)
+               complete=False, skipped=[], comparison=[], bench=[], cost_model=[])
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f: json.dump(doc, f, indent=1)
+    def save(**kv):   # after every step: a run stopped at its limit still leaves what it measured
+        doc.update(kv, wall_s=round(time.time() - t0, 1))
+        doc["comparison"] = compare(doc["bench"], doc["cost_model"])
+        with open(a.out, "w") as f: json.dump(doc, f, indent=1)
+    save(bench=run_bench(policies=pols, capture=False, **kw))
+    print(f"eager pass: {len(doc['bench'])} records, {time.time() - t0:.0f} s", flush=True)
+    model = []
+    for cap in ([False, True] if cuda else [False]):
+        for r in S.cost_model(archs=(carch,), keeps=keeps, policies=pols, progress=False, capture=cap):
+            r["mode"] = "captured" if r["captured"] else "eager"
+            model.append(r)
+    save(cost_model=model)
+    print(f"cost model: {len(model)} records, {time.time() - t0:.0f} s", flush=True)
+    if not cuda: doc["skipped"] = [dict(policy=n, reason="capture runs on CUDA only") for n in pols]
+    else:
+        for n in pols:
+            left = a.budget_s - (time.time() - t0)
+            if left < a.per_policy_s:
+                doc["skipped"].append(dict(policy=n, reason=f"time budget: {left:.0f} s left of {a.budget_s:.0f}")); continue
+            t1 = time.time()
+            recs = run_bench(policies=[n], capture=True, **kw)
+            save(bench=doc["bench"] + [r for r in recs if r["mode"] == "captured"])   # keep 1 and "none": as eager
+            print(f"captured {n}: {time.time() - t1:.0f} s", flush=True)
+    save(complete=True)
+    rows = doc["comparison"]
     print(f"{'policy':10s} {'keep':>6s} {'mode':9s} {'select ms':>10s} {'share':>8s} {'est ms':>8s} {'est share':>9s} {'meas/est':>8s}")
     for r in rows:
         f = lambda v, s: "-" if v is None else format(v, s)
         print(f"{r['policy']:10s} {r['keep']:6.3f} {r['mode']:9s} {r['select_ms']:10.3f} {r['measured_share']:8.4f} "
               f"{f(r['est_gpu_ms'], '8.3f')} {f(r['gpu_share'], '9.4f')} {f(r['measured_over_estimated'], '8.2f')}")
-    for s in skipped: print(f"skipped captured {s['policy']}: {s['reason']}")
+    for s in doc["skipped"]: print(f"skipped captured {s['policy']}: {s['reason']}")
     print(f"wrote {a.out} ({machine}, {doc['wall_s']} s)")
     return 0
 

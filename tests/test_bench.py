@@ -185,7 +185,7 @@ def test_gpu_selection_check_script_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())
     assert d["machine"].endswith("cpu-" + str(__import__("os").cpu_count()) + "core") and d["cuda"] is None
-    assert d["same_geometry"] is False and d["cost_model_arch"] == "llava-1.5-7b"
+    assert d["same_geometry"] is False and d["cost_model_arch"] == "llava-1.5-7b" and d["complete"] is True
     assert [s["policy"] for s in d["skipped"]] == ["zspaprune", "atp"] and all("CUDA" in s["reason"] for s in d["skipped"])
     assert {(r["policy"], r["keep"]) for r in d["bench"]} == {("none", 1.0), ("zspaprune", 1.0), ("zspaprune", 0.25),
                                                                ("atp", 1.0), ("atp", 0.25)}
