@@ -46,6 +46,11 @@ def run_bench(arch, policies, keeps, device, dtype, repeats, warmup, new_tokens,
     return recs
 
 
+def is_cuda(device)->bool:
+    "Whether `device` is a GPU, where the package captures selections (a function: the test suite fakes one)."
+    return torch.device(device).type == "cuda"
+
+
 def cost_arch(arch:str)->str:
     "The cost model's geometry for `arch`: itself when the cost model knows it, else LLaVA-1.5-7B's (a CPU smoke run)."
     from tokprune_nb.measure.flops import ARCH_CONFIGS
@@ -89,15 +94,16 @@ def main(argv=None)->int:
     pols = [s for s in a.policies.split(",") if s]
     keeps = B.parse_keeps(a.keep)
     dtype = getattr(torch, a.dtype) if a.dtype else None
-    cuda = torch.device(a.device).type == "cuda"
+    cuda = is_cuda(a.device)                        # captures (control flow)
+    gpu = torch.device(a.device).type == "cuda"     # what the device is (metadata)
     kw = dict(arch=a.arch, keeps=keeps, device=a.device, dtype=dtype, repeats=a.repeats, warmup=a.warmup,
               new_tokens=a.new_tokens)
     carch = cost_arch(a.arch)
     machine = B._machine(a.device)
     doc = dict(machine=machine, device=a.device, torch=torch.__version__,
-               cuda=torch.version.cuda if cuda else None, arch=a.arch, cost_model_arch=carch,
+               cuda=torch.version.cuda if gpu else None, arch=a.arch, cost_model_arch=carch,
                same_geometry=carch == a.arch,   # False: a smoke run (a tiny arch), its comparison checks plumbing only
-               dtype=str(dtype or (torch.bfloat16 if cuda else torch.float32)).replace("torch.", ""),
+               dtype=str(dtype or (torch.bfloat16 if gpu else torch.float32)).replace("torch.", ""),
                cost_model_constants=dict(launch_us=S.LAUNCH_US, sync_us=S.SYNC_US, graph_launch_us=S.GRAPH_LAUNCH_US,
                                          graph_node_us=S.GRAPH_NODE_US, peak_fraction=S.PEAK_FRACTION),
                complete=False, skipped=[], comparison=[], bench=[], cost_model=[])
@@ -111,6 +117,7 @@ def main(argv=None)->int:
     model = []
     for cap in ([False, True] if cuda else [False]):
         for r in S.cost_model(archs=(carch,), keeps=keeps, policies=pols, progress=False, capture=cap):
+            if cap and not r["captured"]: continue   # keep 1 selects nothing: counted once, eager
             r["mode"] = "captured" if r["captured"] else "eager"
             model.append(r)
     save(cost_model=model)

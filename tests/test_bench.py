@@ -197,3 +197,39 @@ def test_gpu_selection_check_script_on_cpu(tmp_path):
         assert abs(c["measured_share"] - c["select_ms"] / c["prefill_ms"]) < 1e-3
         assert abs(c["measured_over_estimated"] - c["select_ms"] / c["est_gpu_ms"]) < 1e-2
     assert "wrote" in r.stdout and "skipped captured zspaprune" in r.stdout
+
+
+def test_gpu_selection_check_captured_pass_with_a_faked_gpu(tmp_path, monkeypatch):
+    """The captured pass of `scripts/gpu_selection_check.py`, which only a GPU runs for real: with the device check
+    faked and `aot_eager` instead of CUDA graphs, on a CPU. Each policy is benchmarked captured while the time budget
+    allows, the rest is listed as skipped, and the comparison gets captured rows matched to the captured cost model."""
+    import importlib.util, json
+    from pathlib import Path
+    import tokprune_nb.policies as P
+    spec = importlib.util.spec_from_file_location("gsc", Path(__file__).resolve().parents[1] / "scripts" / "gpu_selection_check.py")
+    g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)
+    monkeypatch.setattr(g, "is_cuda", lambda d: True)
+    monkeypatch.setattr(P, "_is_cuda", lambda d: True)
+    monkeypatch.setattr(P, "_compile", lambda fn: torch.compile(fn, backend="aot_eager", dynamic=False))
+    monkeypatch.setattr(P, "_CAPTURED", {})
+    calls = []
+    real = P.Policy._captured
+    def spy(self, ts, k): calls.append(type(self).__name__); return real(self, ts, k)
+    monkeypatch.setattr(P.Policy, "_captured", spy)
+    out = tmp_path / "g.json"
+    args = ["--arch", "llava-tiny", "--device", "cpu", "--policies", "atp,zspaprune", "--keep", "1,0.25", "--repeats", "1",
+            "--new-tokens", "2", "--out", str(out)]
+    assert g.main(args + ["--budget-s", "600", "--per-policy-s", "0"]) == 0
+    d = json.loads(out.read_text())
+    assert d["complete"] and d["skipped"] == [] and d["cuda"] is None and d["dtype"] == "float32"
+    assert {"ATP", "ZSPAPrune"} <= set(calls)                       # the captured form really ran
+    modes = {(c["policy"], c["mode"]) for c in d["comparison"]}
+    assert modes == {(p, m) for p in ("atp", "zspaprune") for m in ("eager", "captured")}
+    for c in d["comparison"]:
+        assert c["gpu_share"] is not None and c["est_gpu_ms"] > 0
+    cap = {(r["policy"], r["keep"]): r for r in d["cost_model"] if r["mode"] == "captured"}
+    assert set(cap) == {("atp", 0.25), ("zspaprune", 0.25)} and all(r["captured"] for r in cap.values())
+    assert g.main(args + ["--budget-s", "0"]) == 0                  # no time left: every captured pass is skipped
+    d = json.loads(out.read_text())
+    assert [s["policy"] for s in d["skipped"]] == ["atp", "zspaprune"] and all("time budget" in s["reason"] for s in d["skipped"])
+    assert {c["mode"] for c in d["comparison"]} == {"eager"}
