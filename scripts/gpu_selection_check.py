@@ -135,8 +135,8 @@ def main(argv=None)->int:
     save(complete=True)
     rows = doc["comparison"]
     print(f"{'policy':10s} {'keep':>6s} {'mode':9s} {'select ms':>10s} {'share':>8s} {'est ms':>8s} {'est share':>9s} {'meas/est':>8s}")
+    f = lambda v, spec: "-" if v is None else format(v, spec)
     for r in rows:
-        f = lambda v, s: "-" if v is None else format(v, s)
         print(f"{r['policy']:10s} {r['keep']:6.3f} {r['mode']:9s} {r['select_ms']:10.3f} {r['measured_share']:8.4f} "
               f"{f(r['est_gpu_ms'], '8.3f')} {f(r['gpu_share'], '9.4f')} {f(r['measured_over_estimated'], '8.2f')}")
     for s in doc["skipped"]: print(f"skipped captured {s['policy']}: {s['reason']}")

@@ -175,7 +175,7 @@ def test_gpu_selection_check_script_on_cpu(tmp_path):
     """`scripts/gpu_selection_check.py` (issue 16's prepared device check) end to end on a CPU and a tiny model: the
     eager pass, the captured pass skipped with its reason (CUDA only), the cost model and one comparison row per
     configuration that selects."""
-    import json, subprocess, sys
+    import json, os, subprocess, sys
     from pathlib import Path
     out = tmp_path / "g.json"
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_selection_check.py"
@@ -184,7 +184,7 @@ def test_gpu_selection_check_script_on_cpu(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())
-    assert d["machine"].endswith("cpu-" + str(__import__("os").cpu_count()) + "core") and d["cuda"] is None
+    assert d["machine"].endswith(f"cpu-{os.cpu_count()}core") and d["cuda"] is None
     assert d["same_geometry"] is False and d["cost_model_arch"] == "llava-1.5-7b" and d["complete"] is True
     assert [s["policy"] for s in d["skipped"]] == ["zspaprune", "atp"] and all("CUDA" in s["reason"] for s in d["skipped"])
     assert {(r["policy"], r["keep"]) for r in d["bench"]} == {("none", 1.0), ("zspaprune", 1.0), ("zspaprune", 0.25),

@@ -389,9 +389,9 @@ def _where(sf:bool, cond:Tensor, x:Tensor, y:Tensor, out:Tensor|None=None)->Tens
     sync-free path, when `cond` is all True or all False (one image, or every image alike: the usual case) it is `x` or
     `y` itself (copied into `out`): a free host check on a CPU instead of a pass over `[B,k,N]`. The values are equal."""
     if not sf:
-        c = bool(cond.all()) or (False if bool(cond.any()) else None)   # True: all; None: none; False: mixed
-        if c is not False:
-            r = x if c else y
+        every = bool(cond.all())
+        if every or not bool(cond.any()):                       # uniform: all True (x) or all False (y)
+            r = x if every else y
             return r if out is None else out.copy_(r)
     return torch.where(cond, x, y) if out is None else torch.where(cond, x, y, out=out)
 
