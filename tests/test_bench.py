@@ -233,3 +233,25 @@ def test_gpu_selection_check_captured_pass_with_a_faked_gpu(tmp_path, monkeypatc
     d = json.loads(out.read_text())
     assert [s["policy"] for s in d["skipped"]] == ["atp", "zspaprune"] and all("time budget" in s["reason"] for s in d["skipped"])
     assert {c["mode"] for c in d["comparison"]} == {"eager"}
+
+
+def test_ab_selection_script_against_head(tmp_path):
+    """`scripts/ab_selection.py`: HEAD's package, extracted and renamed, timed against the working tree in one process on
+    `llava-tiny`; a pre-LLM policy and an in-LLM method give one record each with the same kept tokens; a bad revision is
+    refused by name."""
+    import json, shutil, subprocess, sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists(): pytest.skip("needs the git checkout")
+    out, script = tmp_path / "ab.json", root / "scripts" / "ab_selection.py"
+    r = subprocess.run([sys.executable, str(script), "--base", "HEAD", "--arch", "llava-tiny", "--policies", "zspaprune",
+                        "--keep", "0.5", "--inside", "fastv", "--inside-keep", "0.6", "--pairs", "3", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert len(d["base"]) == 40 and d["arch"] == "llava-tiny"
+    assert [(x["stage"], x["method"], x["keep"]) for x in d["records"]] == [("pre", "zspaprune", 0.5), ("llm", "fastv", 0.6)]
+    for x in d["records"]:
+        assert x["same_tokens"] is True and x["pairs"] == 3 and x["base_ms"] > 0 and x["new_ms"] > 0 and x["ratio"] > 0
+    bad = subprocess.run([sys.executable, str(script), "--base", "no-such-rev"], capture_output=True, text=True, cwd=root)
+    assert bad.returncode != 0 and "no-such-rev" in bad.stderr

@@ -637,3 +637,14 @@ def test_seed_draws_are_cached_and_never_written():
     kmeans(x, 40, n_trials=1, seed_rounds=8, init_dim=256)
     assert _cached_draws.cache_info().hits == hits + 2                      # both runs used these draws
     assert all(torch.equal(t, b) for t, b in zip(a, before))
+
+
+def test_maxmin_isolated_start_breaks_the_mutual_neighbour_tie_to_the_earlier_token():
+    """With start='isolated' the most isolated token and its nearest neighbour, when that neighbour's nearest is it too,
+    have the same score exactly: the earlier one starts (was: whichever of the pair's two products rounded lower). The
+    case hypothesis found: tokens 2 and 4 are mutual nearest neighbours."""
+    x = _randn(6, 6, seed=0, dtype=torch.float64)
+    for metric in ('cosine', 'euclidean'):
+        ref, _ = _maxmin_ref(x, 3, [], torch.ones(6, dtype=torch.bool), metric, 'isolated')
+        assert maxmin_select(x, 3, metric=metric, start='isolated').tolist() == ref
+    assert maxmin_select(x, 1, metric='cosine', start='isolated').tolist() == [2]

@@ -460,3 +460,29 @@ def test_sparsevlm_recycles_dropped_tokens_as_their_cluster_means(fx):
         assert kept[b].numel() == plain[b].numel() + R and torch.isin(plain[b], kept[b]).all()
         for r in range(R):
             torch.testing.assert_close(after["h"][b, slots[r]], before["h"][b, src[cid == r]].mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_scoring_runs_in_inference_mode_and_leaves_ordinary_tensors(fx):
+    """Every scoring step (`prepare`, `select`, `recycle`, `clusters`) runs under `torch.inference_mode()`; what the
+    runner keeps from it is ordinary, so a forward with autograd on (fine-tuning through a pruned model) still
+    back-propagates."""
+    pol = SparseVLM(keep=(0.5, 0.25, 0.125))
+    seen = {}
+    for name in ("prepare", "select", "recycle", "clusters"):
+        fn = getattr(pol, name)
+        def probe(*a, _fn=fn, _name=name):
+            seen.setdefault(_name, []).append(torch.is_inference_mode_enabled()); return _fn(*a)
+        setattr(pol, name, probe)
+    with pruned(fx.model, None, inside=pol) as ctx:
+        fx.model(**fx.x)
+        assert set(seen) == {"prepare", "select", "recycle", "clusters"} and all(all(v) for v in seen.values()), seen
+        for stage in ctx.inside.kept:
+            assert all(not k.is_inference() for k in stage)
+        with torch.enable_grad():
+            emb = fx.model.get_input_embeddings()
+            emb.weight.requires_grad_(True)
+            try:
+                fx.model(**fx.x).logits.float().square().mean().backward()
+                assert emb.weight.grad is not None and bool(torch.isfinite(emb.weight.grad).all())
+            finally:
+                emb.weight.requires_grad_(False); emb.weight.grad = None

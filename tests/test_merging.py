@@ -328,3 +328,16 @@ def test_groups_reproduce_the_merged_features(make):
             got = torch.zeros(k, src.shape[-1]).index_add_(0, a[u], src[u] * w[u][:, None])
             torch.testing.assert_close(got, f.float(), atol=1e-5, rtol=1e-4)
             assert torch.equal(a[idx], torch.arange(k))                 # a kept token is in its own slot's group
+
+
+def test_merging_policies_return_ordinary_tensors():
+    "VisionZip and ToMe reduce under inference mode; their Reductions hold ordinary tensors (the model may write them)."
+    from tokprune_nb import TokenSet
+    g = torch.Generator().manual_seed(0)
+    ts = TokenSet(torch.randn(2, 30, 8, generator=g), saliency=torch.rand(2, 30, generator=g), keys=torch.randn(2, 30, 4, generator=g))
+    for p in (VisionZip(0.3), ToMePrune(0.3)):
+        for t in (ts, ts.split()[0]):
+            r = p(t)
+            assert isinstance(r, Reduction)
+            for f in (r.index, r.feats, r.size, r.assign, r.weight): assert not f.is_inference(), f"{p!r}"
+            r.feats.mul_(1.0)

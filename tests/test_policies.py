@@ -425,3 +425,34 @@ def test_keep_everything_same_as_selection(name):
     pol = POLICIES[name](1.0)
     full = pol._select(ts, ts.n_tokens).sort(-1).values
     assert torch.equal(pol(ts), full)
+
+
+class _ModeProbe(RandomPrune):
+    "RandomPrune that records whether its selection ran in inference mode."
+    seen = []
+    def _select(self, ts, k):
+        _ModeProbe.seen.append(torch.is_inference_mode_enabled())
+        return super()._select(ts, k)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_selection_runs_in_inference_mode_and_returns_ordinary_tensors(padded):
+    """Policies select under `torch.inference_mode()` (no autograd bookkeeping per small op) on both paths (one shape;
+    a padded batch image by image), and hand back ordinary tensors: writable in place, usable where autograd saves them."""
+    ts = make_ts(2, (4, 4))
+    if padded:
+        mask = torch.ones(2, 16, dtype=torch.bool); mask[1, 12:] = False
+        ts = TokenSet(ts.feats, mask=mask, saliency=ts.saliency, prompt=ts.prompt, clip_feats=ts.clip_feats, clip_text=ts.clip_text)
+    _ModeProbe.seen.clear()
+    out = _ModeProbe(0.5)(ts)
+    assert _ModeProbe.seen and all(_ModeProbe.seen)
+    assert not torch.is_inference_mode_enabled()
+    for p in all_policies(0.5) + [ZSPAPrune(0.5, merge_pruned=True)]:
+        r = p(ts)
+        for t in ([r] if isinstance(r, torch.Tensor) else [r.index, r.feats, r.size, r.assign, r.weight]):
+            assert not t.is_inference(), f"{p!r} returned an inference tensor"
+    out.add_(0)                                                            # in place: allowed on an ordinary tensor
+    f = ts.feats.clone().requires_grad_()
+    with torch.enable_grad():
+        f.gather(1, out.clamp_min(0)[..., None].expand(-1, -1, f.shape[-1])).sum().backward()   # saved for backward
+    assert f.grad is not None

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['check_tensor', 'check_mask', 'TokenSet', 'check_grid']
+__all__ = ['check_tensor', 'check_mask', 'ordinary', 'TokenSet', 'check_grid']
 
 # %% ../nbs/00_core.ipynb #4d31feb2
 def check_tensor(x, name:str, ndims:tuple, floating:bool=True, finite:bool=True):
@@ -40,6 +40,14 @@ def check_mask(mask, name:str, shape:tuple, device=None):
     if device is not None and mask.device != device:
         raise ValueError(f"`{name}` is on {mask.device} but the features are on {device}")
     return mask
+
+# %% ../nbs/00_core.ipynb #4801ba06
+def ordinary(x):
+    "`x` with every inference tensor in it (also inside lists, tuples and dict values) cloned into an ordinary tensor."
+    if isinstance(x, Tensor): return x.clone() if x.is_inference() else x
+    if isinstance(x, (list, tuple)): return type(x)(ordinary(v) for v in x)
+    if isinstance(x, dict): return {k: ordinary(v) for k, v in x.items()}
+    return x
 
 # %% ../nbs/00_core.ipynb #dc4f93dd
 _PER_TOKEN = ('saliency', 'clip_feats', 'vision_feats', 'keys', 'tiles')

@@ -81,14 +81,16 @@ def _bmm(A:Tensor, B_:Tensor)->Tensor:
     """`torch.bmm`, image by image on aligned operands: BLAS kernels round differently with the batch size and the
     alignment, so one image's product is computed the same way alone, in a batch, at any address (a batch then
     gives bit-for-bit what each image gives alone, and near-ties break the same way)."""
+    if A.shape[0] == 1: return torch.bmm(_aligned(A), _aligned(B_))   # one image: the same call, fewer views
     out = [torch.bmm(_aligned(A[b:b+1]), _aligned(B_[b:b+1])) for b in range(A.shape[0])]
-    return out[0] if len(out) == 1 else torch.cat(out)
+    return torch.cat(out)
 
 def _baddbmm(C:Tensor, A:Tensor, B_:Tensor, alpha:float)->Tensor:
     "`torch.baddbmm(C, A, B_, alpha=alpha)`, image by image on aligned operands (see `_bmm`)."
     C = C.expand(A.shape[0], *C.shape[1:])
+    if A.shape[0] == 1: return torch.baddbmm(C, _aligned(A), _aligned(B_), alpha=alpha)   # one image: fewer views
     out = [torch.baddbmm(C[b:b+1], _aligned(A[b:b+1]), _aligned(B_[b:b+1]), alpha=alpha) for b in range(A.shape[0])]
-    return out[0] if len(out) == 1 else torch.cat(out)
+    return torch.cat(out)
 
 @torch.compiler.assume_constant_result
 def _key_weights(D:int)->Tensor:
@@ -239,19 +241,16 @@ def _kmeanspp_rounds(X:Tensor, xn:Tensor, valid:Tensor, u:Tensor, logE:Tensor, s
     parts = [i0]
     if L == 1:   # one candidate set per round: the same arithmetic, fewer small ops (each costs ~5-10 us on a CPU)
         lg = logE[:, 0]
-        lgz = lg + 1e4                                             # every round's keys for points at distance 0
-        out = torch.empty(B, 1 + sum(sizes), dtype=torch.long, device=X.device)
-        out[:, :1] = i0
-        xnr, Xt, c = xn.unsqueeze(1), X.transpose(1, 2), 1
+        lgs, lgzs = lg.unbind(0), (lg + 1e4).unbind(0)            # every round's keys; +1e4: for points at distance 0
+        xnr, Xt = xn.unsqueeze(1), X.transpose(1, 2)
         for r, m in enumerate(sizes):
-            key = torch.where(closest > 0, lg[r] - closest.log(), lgz[r]).masked_fill_(taken, math.inf)
+            key = torch.where(closest > 0, lgs[r] - closest.log(), lgzs[r]).masked_fill_(taken, math.inf)
             pick = key.topk(m, -1, largest=False).indices            # [B,m]
             d = _baddbmm(xn.gather(1, pick).unsqueeze(-1) + xnr, _gather_rows(X, pick), Xt, alpha=-2)   # `_sq_dists`
             torch.minimum(closest, d.clamp_min_(0).amin(1), out=closest)
             taken.scatter_(1, pick, True)
-            out[:, c:c + m] = pick
-            c += m
-        return out
+            parts.append(pick)
+        return torch.cat(parts, 1)
     for r, m in enumerate(sizes):
         # points at distance 0 (copies of a seed) only after every positive-weight point: +1e4 puts them last
         key = torch.where(closest.unsqueeze(1) > 0, logE[r] - closest.log().unsqueeze(1), logE[r] + 1e4)
@@ -368,6 +367,9 @@ def _lloyd(X:Tensor, xn:Tensor, mb:Tensor, k:int, iters:int, seed:int, tol:float
         else:
             same = (a_new == a).all(1)
             dkeep = _where(sf, (active & same).view(B, 1, 1), d, dkeep)   # settled now: C will not change again
+            if not sf and bool((same | ~active).all()):   # every running image settled: its update would give C again
+                settled |= active & same                  # (the means of the same assignment), so stop before it
+                break
         S, cnt = _cluster_sums(X, Xf, a_new, mb, k, buf)
         S.div_(cnt.clamp_min(1))                                   # cluster means (empty clusters: 0, not used)
         _where(sf, (cnt > 0) & active.view(B, 1, 1), S, C, out=Cn)   # empty clusters and stopped images keep C
@@ -608,6 +610,9 @@ def _maxmin(xb:Tensor, k:int, sb:Tensor|None=None, mb:Tensor|None=None, metric:s
             score = canon(-dots * inv if metric == "cosine" else xn - 2 * dots)   # same order as the distance to the mean
         else:
             dd = dist(X, torch.arange(N, device=X.device).expand(B, N))    # [B,N,N]
+            # exactly symmetric (the two products of a pair round differently): mutual nearest neighbours, always
+            # the pair with the same distance to the nearest other, then tie exactly and go to the earlier token
+            dd = torch.minimum(dd, dd.transpose(1, 2))
             dd.diagonal(dim1=1, dim2=2).fill_(math.inf)
             score = canon(dd.masked_fill_(~mb.unsqueeze(1), math.inf).amin(-1))   # distance to the nearest other token
         md = score if md is None or fresh is True else torch.where(fresh.unsqueeze(1), score, md)

@@ -11,8 +11,8 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['RULES', 'SCORING', 'IDENTITY_SHORTCUT', 'REUSE_PROJECTIONS', 'Stage', 'Scoring', 'top_image_tokens', 'InLLMPolicy',
-           'check_stages', 'tally', 'layer_qk', 'cached_keys', 'layer_keys', 'layer_queries', 'query_attention',
-           'last_token_attention', 'text_model', 'InsideRunner']
+           'check_stages', 'scoring_call', 'tally', 'layer_qk', 'cached_keys', 'layer_keys', 'layer_queries',
+           'query_attention', 'last_token_attention', 'text_model', 'InsideRunner']
 
 # %% ../../nbs/inllm/base.ipynb #0a33b4e2
 @dataclass(frozen=True)
@@ -113,6 +113,16 @@ def check_stages(stages:list, n_layers:int):
 
 # %% ../../nbs/inllm/base.ipynb #19417840
 SCORING = {"flops": 0}   # multiply-adds of in-LLM scoring so far (the matmuls; `measure.flops` convention), never reset
+
+from ..core import ordinary
+
+def scoring_call(fn, *args):
+    """`fn(*args)`, one scoring step of an in-LLM policy (`prepare`, `select`, `recycle`, `clusters`), under
+    `torch.inference_mode()`: the same kernels and results without autograd's bookkeeping of every small op (version
+    counters, view tracking), which is much of a scoring step's cost on a CPU. What it returns (indices, masks) leaves as
+    ordinary tensors, so the runner may index and write with them as before."""
+    with torch.inference_mode(): out = fn(*args)
+    return ordinary(out)
 
 def tally(n:int):
     "Add `n` multiply-adds to the in-LLM scoring tally (`InsideRunner.scoring_flops` reads it per prompt)."
@@ -396,7 +406,7 @@ class InsideRunner:
             if past == 0:
                 if l == 0 and self.wants_input and st["queries"] is None:
                     image, valid, _ = self._current(-1, hs.shape[1])
-                    with torch.no_grad(): st["queries"] = self.policy.prepare(hs, image, valid)
+                    st["queries"] = scoring_call(self.policy.prepare, hs, image, valid)
                 for j, s in enumerate(self.stages):      # scoring for a stage whose selection is still open
                     if s.scorer == l and st["kept"][j] is None and l in self.reuse:
                         st["armed"], st["proj"] = l, {}  # scored after the layer, from the q/k its forward computes
@@ -454,10 +464,10 @@ class InsideRunner:
         q0 = hs.shape[1] if st["layouts"][0] is None else st["layouts"][0].src_len     # length of this call's input
         queries = None if st["queries"] is None else self._carry(st["queries"], j - 1, q0)
         x = Scoring(self.stages[j], layer, hs, pe, image, valid, out, queries, getattr(self.text, "norm", None), proj=proj)
-        kept = self.policy.select(x)
+        kept = scoring_call(self.policy.select, x)
         if len(kept) != hs.shape[0]: raise ValueError(f"{type(self.policy).__name__}.select returned {len(kept)} rows for a batch of {hs.shape[0]}")
         st["kept"][j] = [k.to(torch.long) for k in kept]
-        pool = self.policy.recycle(x, st["kept"][j])
+        pool = scoring_call(self.policy.recycle, x, st["kept"][j])
         st["pool"][j] = None if pool is None else [p.to(torch.long) for p in pool]
 
     def _apply(self, i:int, hs:Tensor, kwargs:dict):
@@ -474,7 +484,7 @@ class InsideRunner:
             if pb.numel() == 0: continue                 # at its centre's column (position, cos/sin), holding its mean
             if not bool((image[b, pb] & valid[b, pb] & ~keep[b, pb]).all()):
                 raise ValueError(f"{type(self.policy).__name__}.recycle must name dropped image tokens only")
-            with torch.no_grad(): centre, cid = self.policy.clusters(hs[b, pb])
+            centre, cid = scoring_call(self.policy.clusters, hs[b, pb])
             keep[b, pb[centre]] = True; groups[b] = (pb[centre], pb, cid)
         if IDENTITY_SHORTCUT and bool((keep == valid).all()):
             st["identity"][i] = True; st["layouts"][i] = _Layout(None, None, None, hs.shape[1]); return
