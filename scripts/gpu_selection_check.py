@@ -46,11 +46,6 @@ def run_bench(arch, policies, keeps, device, dtype, repeats, warmup, new_tokens,
     return recs
 
 
-def is_cuda(device)->bool:
-    "Whether `device` is a GPU, where the package captures selections (a function: the test suite fakes one)."
-    return torch.device(device).type == "cuda"
-
-
 def cost_arch(arch:str)->str:
     "The cost model's geometry for `arch`: itself when the cost model knows it, else LLaVA-1.5-7B's (a CPU smoke run)."
     from tokprune_nb.measure.flops import ARCH_CONFIGS
@@ -94,7 +89,7 @@ def main(argv=None)->int:
     pols = [s for s in a.policies.split(",") if s]
     keeps = B.parse_keeps(a.keep)
     dtype = getattr(torch, a.dtype) if a.dtype else None
-    cuda = is_cuda(a.device)                        # captures (control flow)
+    cuda = P._is_cuda(a.device)                     # captures (control flow): the package's own check, faked in tests
     gpu = torch.device(a.device).type == "cuda"     # what the device is (metadata)
     kw = dict(arch=a.arch, keeps=keeps, device=a.device, dtype=dtype, repeats=a.repeats, warmup=a.warmup,
               new_tokens=a.new_tokens)

@@ -208,7 +208,6 @@ def test_gpu_selection_check_captured_pass_with_a_faked_gpu(tmp_path, monkeypatc
     import tokprune_nb.policies as P
     spec = importlib.util.spec_from_file_location("gsc", Path(__file__).resolve().parents[1] / "scripts" / "gpu_selection_check.py")
     g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)
-    monkeypatch.setattr(g, "is_cuda", lambda d: True)
     monkeypatch.setattr(P, "_is_cuda", lambda d: True)
     monkeypatch.setattr(P, "_compile", lambda fn: torch.compile(fn, backend="aot_eager", dynamic=False))
     monkeypatch.setattr(P, "_CAPTURED", {})

@@ -4,13 +4,13 @@
 
 # %% ../nbs/00_core.ipynb #75d7aec2
 from __future__ import annotations
-import math
+import contextlib, math
 from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['check_tensor', 'check_mask', 'ordinary', 'TokenSet', 'check_grid']
+__all__ = ['check_tensor', 'check_mask', 'eager_mode', 'ordinary', 'TokenSet', 'check_grid']
 
 # %% ../nbs/00_core.ipynb #4d31feb2
 def check_tensor(x, name:str, ndims:tuple, floating:bool=True, finite:bool=True):
@@ -42,6 +42,14 @@ def check_mask(mask, name:str, shape:tuple, device=None):
     return mask
 
 # %% ../nbs/00_core.ipynb #4801ba06
+def eager_mode():
+    """The context of an eager selection or scoring step: `torch.inference_mode()`, nothing while tracing (a compiled
+    or captured graph has no autograd bookkeeping to drop). Policies, merging policies and the in-LLM runner all use it;
+    what they hand on leaves as ordinary tensors (`ordinary`, or a result computed outside it). A policy subclass's
+    `_select` runs there too: a tensor it keeps on `self` is an inference tensor (readable; `ordinary` makes a writable
+    copy)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else torch.inference_mode()
+
 def ordinary(x):
     "`x` with every inference tensor in it (also inside lists, tuples and dict values) cloned into an ordinary tensor."
     if isinstance(x, Tensor): return x.clone() if x.is_inference() else x

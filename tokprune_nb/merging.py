@@ -125,8 +125,8 @@ def visionzip_reduce(
     return keep, feats[keep], size[keep], torch.where(owner >= 0, pos[owner.clamp(min=0)], -1), coef
 
 # %% ../nbs/03b_merging.ipynb #e40b3e84
-from .core import TokenSet, ordinary
-from .policies import Policy, _check_layer, _check_bool, _eager
+from .core import TokenSet, ordinary, eager_mode
+from .policies import Policy, _check_layer, _check_bool
 
 VISIONZIP_RATIO = 54 / 64    # dominant share of the budget in the authors' LLaVA-1.5 settings (54+10, 108+20, 162+30)
 
@@ -216,7 +216,7 @@ class VisionZip(Policy):
         if space == "vision" and not ts.has('keys'):   # the published rule: pre-projector features go with the layer's keys
             raise ValueError("VisionZip needs `keys` in the TokenSet with `vision_feats`, but it is missing")
         hid = lambda s: s.vision_feats if space == "vision" else s.feats
-        with _eager():   # inference mode: fewer costs per small op, the same values (see `policies._eager`)
+        with eager_mode():   # inference mode: less cost per small op, the same values
             res = [self._reduce(hid(s), s.saliency, s.keys if s.has('keys') else hid(s), k,
                                 s.tiles if self.per_tile and s.has('tiles') else None) for s, k in zip(sets, ks)]
         return pack_reductions(ordinary(res), ts, space)
@@ -279,7 +279,7 @@ class ToMePrune(Policy):
         sets = ts.split() if ts.batched else [ts]
         ks = [self.budget(s.n_tokens) for s in sets]
         if all(k == s.n_tokens for k, s in zip(ks, sets)): return self._indices(ts)
-        with _eager(): res = [tome_reduce(s.feats, k, groups=True) for s, k in zip(sets, ks)]
+        with eager_mode(): res = [tome_reduce(s.feats, k, groups=True) for s, k in zip(sets, ks)]
         return pack_reductions(ordinary(res), ts, "llm")
 
 # %% ../nbs/03b_merging.ipynb #6c11726b

@@ -4,11 +4,11 @@
 
 # %% ../nbs/03_policies.ipynb #e99d741f
 from __future__ import annotations
-import contextlib, inspect, math, os, warnings
+import inspect, math, os, warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from .core import TokenSet
+from .core import TokenSet, eager_mode
 from .scoring import relevance_scores, clip_similarity_scores, hybrid_scores, minmax_normalize, check_alpha, _relevance, _minmax, _clip_sim, _hybrid
 from .diversity import kmeans_nearest, maxmin_select, _first_copies, _first_copies_dense, _kmeans_nearest, _maxmin, sync_free
 
@@ -109,16 +109,6 @@ def _capture_key(pol, ts:TokenSet, k:int)->tuple:
     f = tuple((n, tuple(v.shape), v.dtype) for n, v in ts.__dict__.items() if isinstance(v, Tensor))
     return (pol._key(), k, f, ts.grid, str(ts.device))
 
-def _eager():
-    """The context of an eager selection: `torch.inference_mode()`, nothing while tracing. A selection is hundreds of
-    small ops on a CPU (ZSPAPrune's k-means: ~600), and inference mode drops autograd's bookkeeping from each (version
-    counters, view tracking): the same kernels and indices, 16-21% less time for ZSPAPrune, k-means, DivPrune and DPP on
-    `mid` (paired A/B, `scripts/ab_selection.py`). The kept indices leave through `_sorted_rows`, computed outside it
-    (ordinary tensors). A subclass's `_select` runs there too: a tensor it keeps on `self` is an inference tensor
-    (readable anywhere; `core.ordinary` makes a writable copy)."""
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else torch.inference_mode()
-# (`core.ordinary` turns what is made there into ordinary tensors where a result is handed on as is)
-
 def _sorted_rows(out:Tensor)->Tensor:
     "Each row of kept indices `[B,k]` sorted, -1 (padding) at the end."
     big = torch.iinfo(torch.long).max
@@ -178,10 +168,10 @@ class Policy:
         if all(k.numel() == v.numel() for k, v in zip(kept, valid)): return out       # keeps all: plain indices
         feats = bt.feats.new_zeros(B, idx.shape[1], D); size = torch.zeros(B, idx.shape[1], device=bt.device)
         assign = torch.full((B, N), -1, dtype=torch.long, device=bt.device); weight = torch.zeros(B, N, device=bt.device)
+        whole = bt.mask is None                         # every slot real: each image itself (a view), no gather or search
         for b, (v, k) in enumerate(zip(valid, kept)):   # image by image: the same arithmetic alone and in a batch
-            whole = bt.mask is None                     # every slot real: the image itself (a view), no gather or search
-            with _eager(): f, s, a, w = merge_back(bt.feats[b:b + 1] if whole else bt.feats[b, v][None],
-                                                   (k if whole else torch.searchsorted(v, k))[None], groups=True)
+            with eager_mode(): f, s, a, w = merge_back(bt.feats[b:b + 1] if whole else bt.feats[b, v][None],
+                                                       (k if whole else torch.searchsorted(v, k))[None], groups=True)
             feats[b, :k.numel()], size[b, :k.numel()] = f[0], s[0]   # written into ordinary tensors
             assign[b, v], weight[b, v] = a[0], w[0]    # the groups, for what else the adapter merges (DeepStack levels)
         one = lambda t: t if ts.batched else t[0]
@@ -204,14 +194,14 @@ class Policy:
             sel = bt if bt.mask is None else TokenSet.trusted(**{**bt.__dict__, 'mask': None})
             if self._use_capture(sel): out = self._captured(sel, ks[0])
             else:
-                with _eager(): out = self._select(sel, ks[0])
+                with eager_mode(): out = self._select(sel, ks[0])
         else:
-            with _eager():
+            with eager_mode():
                 out = torch.full((bt.batch_size, max(ks)), -1, dtype=torch.long, device=bt.device)
                 for b, k in enumerate(ks):
                     sub, idx = _valid_subset(bt, b)
                     out[b, :k] = idx[self._select(sub, k)[0]]
-        out = _sorted_rows(out)   # computed outside `_eager`: ordinary tensors again
+        out = _sorted_rows(out)   # computed outside `eager_mode`: ordinary tensors again
         return out if ts.batched else out[0]
 
     def _use_capture(self, ts:TokenSet)->bool:

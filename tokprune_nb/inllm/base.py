@@ -114,14 +114,14 @@ def check_stages(stages:list, n_layers:int):
 # %% ../../nbs/inllm/base.ipynb #19417840
 SCORING = {"flops": 0}   # multiply-adds of in-LLM scoring so far (the matmuls; `measure.flops` convention), never reset
 
-from ..core import ordinary
+from ..core import ordinary, eager_mode
 
 def scoring_call(fn, *args):
     """`fn(*args)`, one scoring step of an in-LLM policy (`prepare`, `select`, `recycle`, `clusters`), under
     `torch.inference_mode()`: the same kernels and results without autograd's bookkeeping of every small op (version
     counters, view tracking), which is much of a scoring step's cost on a CPU. What it returns (indices, masks) leaves as
     ordinary tensors, so the runner may index and write with them as before."""
-    with torch.inference_mode(): out = fn(*args)
+    with eager_mode(): out = fn(*args)
     return ordinary(out)
 
 def tally(n:int):
